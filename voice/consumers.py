@@ -1,0 +1,427 @@
+"""The voice WebSocket (`/v1/ws/voice`): a thin adapter between the browser and a GatewaySession.
+
+Decisions live elsewhere: who may connect (voice.services.access), what a client may send
+(voice.realtime.client_events), the turn logic (voice.realtime.session). This module authenticates,
+admits, wires the session to the socket, runs the per-second supervision, and guarantees the metrics
+row is written however the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from asgiref.sync import sync_to_async
+from channels.consumer import AsyncConsumer
+from channels.exceptions import StopConsumer
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from voice import metrics
+from voice.realtime import registry
+from voice.realtime.accounting import TurnStats
+from voice.realtime.client_events import ClientEventError, dump_event, parse_client_frame
+from voice.realtime.openai_upstream import make_upstream
+from voice.realtime.session import GatewaySession
+from voice.realtime.upstream import UpstreamConnectError
+from voice.services import sessions as session_services
+from voice.services.access import (
+    UNAUTHORIZED,
+    Admission,
+    Refusal,
+    access_count_session_start,
+    access_decide,
+    concurrency_key,
+)
+from voice.services.auth import AuthError, Identity, identity_from_jwt, ticket_redeem
+from voice.services.rollout import BROADCAST_GROUP, rollout_snapshot
+from voice.services.state import get_state
+
+logger = logging.getLogger(__name__)
+
+SUBPROTOCOL = "intelia.v1"
+ACTIVE_SESSIONS_KEY = "active_sessions"
+SLOT_REFRESH_SECONDS = 10
+CLOSE_CODES = {
+    "client_closed": 1000, "timeout": 4408, "upstream_unavailable": 4502, "upstream_error": 4502,
+    "internal_error": 4500, "feature_disabled": 4503, "terminated": 4010, "draining": 4012,
+}
+
+
+class VoiceConsumer(AsyncConsumer):
+    """One browser voice connection."""
+
+    session: GatewaySession | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Called by the ASGI server per connection: a plain receive loop (no task per frame)."""
+        self.scope = scope
+        self.base_send = send
+        self.channel_layer = get_channel_layer()
+        self.channel_name = await self.channel_layer.new_channel() if self.channel_layer else None
+        self._control: asyncio.Task[None] | None = None
+        self._ended = False
+        self._finished = False
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            if self._control is not None:
+                self._control.cancel()
+            await self._finish("client_closed", None)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Called per ASGI/channel-layer message. Unlike Channels' own dispatch, it does not hop to the
+        DB thread before each message (aclose_old_connections): every audio frame would queue behind one
+        thread. The rare ORM work closes its own connections."""
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is not None:
+            await handler(message)
+
+    # --- connect -------------------------------------------------------------------------------------
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        """Called on the handshake: accept, authenticate, admit, open the upstream."""
+        offered = self.scope.get("subprotocols") or []
+        await self.base_send(
+            {"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None}
+        )
+        self.connected_at = time.monotonic()
+        if registry.is_draining():
+            await self._refuse(Refusal("draining", 4012, "This server is restarting; reconnect"))
+            return
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
+        try:
+            self.identity = await self._authenticate(query, offered)
+        except AuthError:
+            await self._refuse(UNAUTHORIZED)
+            return
+        meta, resumed = await self._resume_or_new(query.get("resume", [""])[0])
+        if meta is None:
+            await self._refuse(Refusal("resume_forbidden", 4403, "This session belongs to another user"))
+            return
+        decision = await access_decide(identity=self.identity, session_id=meta.session_id, resuming=resumed)
+        if isinstance(decision, Refusal):
+            await self._refuse(decision)
+            return
+        await self._start(meta, resumed, decision)
+
+    async def _authenticate(self, query: dict[str, list[str]], offered: list[str]) -> Identity:
+        for protocol in offered:
+            if protocol.startswith("bearer."):
+                return identity_from_jwt(protocol[len("bearer."):])
+        if query.get("ticket"):
+            return await ticket_redeem(query["ticket"][0])
+        return identity_from_jwt(query.get("token", [""])[0])
+
+    async def _resume_or_new(self, token: str) -> tuple[session_services.SessionMeta | None, bool]:
+        """(meta, resumed); meta None means the token belongs to someone else."""
+        if token:
+            owner = session_services.resume_token_read(token)
+            if owner is not None:
+                session_id, user_id = owner
+                if user_id != self.identity.user_id:
+                    return None, False
+                meta = await session_services.session_meta_load(session_id)
+                if meta is not None and meta.user_id == self.identity.user_id and meta.remaining_s > 1:
+                    return meta, True
+        meta = session_services.SessionMeta(
+            session_id=session_services.new_session_id(), user_id=self.identity.user_id, plan="", cohort="",
+            started_at=time.time(), max_duration_s=0,
+        )
+        return meta, False
+
+    async def _start(self, meta: session_services.SessionMeta, resumed: bool, admission: Admission) -> None:
+        self.meta, self.resumed, self.admission = meta, resumed, admission
+        if not resumed:
+            meta.plan, meta.cohort = admission.plan.code, admission.cohort
+            meta.max_duration_s = admission.plan.max_session_seconds
+        self.session_id = meta.session_id
+        self.deadline = time.monotonic() + meta.remaining_s
+        self.warned = False
+        self.instance = registry.instance_id()
+        prefetcher = _make_prefetcher()
+        self.session = GatewaySession(
+            session_id=meta.session_id, send_client=self._send_text, listener=self,
+            upstream_factory=make_upstream, prefetcher=prefetcher, history=meta.history,
+            turn_offset=meta.turns,
+        )
+        registry.register(self)
+        metrics.ACTIVE_SESSIONS.inc()
+        self._counted_active = True
+        try:
+            await self.session.start()
+        except UpstreamConnectError as exc:
+            logger.warning("upstream connect failed: %s", exc)
+            await self._end("upstream_unavailable", "upstream_unavailable",
+                            "The voice service is unavailable, please retry shortly", error=str(exc))
+            return
+        self._control = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def session_ready(self) -> None:
+        """Called by the GatewaySession once the upstream is configured."""
+        meta = self.meta
+        await session_services.session_meta_save(meta)
+        await sync_to_async(session_services.voice_session_start, thread_sensitive=False)(
+            meta=meta, user_pk=self.admission.user.pk, upstream=self.session.upstream_kind,
+            instance=self.instance,
+        )
+        if not self.resumed:
+            await access_count_session_start(identity=self.identity, plan=self.admission.plan)
+        remaining = max(0, int(self.deadline - time.monotonic()))
+        await self._send_event({
+            "type": "gateway.session.ready",
+            "session_id": meta.session_id,
+            "max_duration_s": int(meta.max_duration_s),
+            "remaining_s": remaining,
+            "expires_at": int(time.time() + remaining),
+            "upstream": self.session.upstream_kind,
+            "resume_token": session_services.resume_token_issue(
+                session_id=meta.session_id, user_id=meta.user_id),
+            "resumed": self.resumed,
+        })
+
+    async def session_failed(self, reason: str, error_code: str, message: str) -> None:
+        """Called by the GatewaySession when the upstream is lost or refuses the session."""
+        await self._end(reason, error_code, message, error=error_code)
+
+    async def turn_completed(self, turn: TurnStats) -> None:
+        """Called by the GatewaySession after each response: keep the resume state current."""
+        self.meta.turns = turn.index + 1
+        self.meta.history = self.session.history if self.session else []
+        self.meta.used_s = self._used_seconds()
+        with contextlib.suppress(Exception):
+            await session_services.session_meta_save(self.meta)
+
+    # --- frames --------------------------------------------------------------------------------------
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        """Called for every client frame: the hot path."""
+        session = self.session
+        if session is None or self._ended:
+            return
+        text = message.get("text")
+        if text is None:
+            await self._send_event({"type": "gateway.error", "code": "invalid_event",
+                                    "message": "binary frames are not supported; send JSON text"})
+            return
+        stats = session.stats
+        stats.frames_in += 1
+        if not self._frame_allowed():
+            await self._end("policy", "frame_rate_exceeded", "Too many frames per second", close_code=4008)
+            return
+        if len(text) > settings.VOICE_MAX_FRAME_BYTES:
+            await self._end("policy", "frame_too_large", "Frame exceeds the size limit", close_code=4009)
+            return
+        try:
+            event = parse_client_frame(text)
+        except ClientEventError as exc:
+            await self._send_event(exc.event())
+            return
+        if event.type == "gateway.feedback":
+            await self._feedback(event.data)
+            return
+        await session.on_client_event(event)
+
+    def _frame_allowed(self) -> bool:
+        """Token bucket: VOICE_MAX_FRAMES_PER_SECOND sustained, twice that as burst."""
+        now = time.monotonic()
+        rate = settings.VOICE_MAX_FRAMES_PER_SECOND
+        tokens = getattr(self, "_tokens", 2.0 * rate)
+        tokens = min(2.0 * rate, tokens + (now - getattr(self, "_tokens_at", now)) * rate)
+        self._tokens_at = now
+        if tokens < 1:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1
+        return True
+
+    async def _feedback(self, data: dict[str, Any]) -> None:
+        from voice.services.feedback import FeedbackError, feedback_submit
+
+        try:
+            await sync_to_async(feedback_submit, thread_sensitive=False)(
+                session_id=self.session_id, external_user_id=self.identity.user_id,
+                rating=data.get("rating"), comment=data.get("comment"),
+            )
+        except FeedbackError as exc:
+            await self._send_event({"type": "gateway.error", "code": "invalid_feedback", "message": str(exc)})
+            return
+        await self._send_event({"type": "gateway.feedback.received", "session_id": self.session_id})
+
+    async def _send_text(self, text: str) -> None:
+        if not self._ended:
+            await self.base_send({"type": "websocket.send", "text": text})
+
+    async def _send_event(self, event: dict[str, Any]) -> None:
+        await self._send_text(dump_event(event))
+
+    # --- supervision, control messages ---------------------------------------------------------------
+    async def _supervise(self) -> None:
+        """Every second: kill switch, duration limit, upstream stall; slots refreshed every 10 s."""
+        state = get_state()
+        state.add_resync_hook(self._publish_presence)
+        await self._publish_presence()
+        ticks = 0
+        try:
+            while not self._ended:
+                await asyncio.sleep(1)
+                ticks += 1
+                now = time.monotonic()
+                if not settings.ENABLE_VOICE_REALTIME or not (await rollout_snapshot()).voice_enabled:
+                    await self._end("feature_disabled", "feature_disabled", "Voice has been disabled")
+                    return
+                left = self.deadline - now
+                if left <= 0:
+                    minutes = int(self.meta.max_duration_s // 60)
+                    await self._end("timeout", "session_timeout", f"Session timeout ({minutes} min max)")
+                    return
+                if left <= settings.SESSION_WARNING_SECONDS and not self.warned:
+                    self.warned = True
+                    await self._send_event({"type": "gateway.session.expiring", "seconds_left": int(left)})
+                if self.session is not None:
+                    await self.session.tick(now)
+                if ticks % SLOT_REFRESH_SECONDS == 0:
+                    await self._publish_presence()
+        finally:
+            state.remove_resync_hook(self._publish_presence)
+
+    async def _publish_presence(self) -> None:
+        """Keep (or, after a Redis outage, re-publish) this session's slots and groups."""
+        state = get_state()
+        ttl = SLOT_REFRESH_SECONDS * 3
+        await state.slot_refresh(concurrency_key(self.identity.user_id), self.session_id, ttl=ttl)
+        await state.slot_refresh(ACTIVE_SESSIONS_KEY, self.session_id, ttl=ttl)
+        if self.channel_layer is not None and not getattr(self, "_joined", False):
+            try:
+                await asyncio.wait_for(self.channel_layer.group_add(BROADCAST_GROUP, self.channel_name), 1)
+                await asyncio.wait_for(
+                    self.channel_layer.group_add(f"voice.session.{self.session_id}", self.channel_name), 1
+                )
+                self._joined = True
+                self._control_listener = asyncio.get_running_loop().create_task(self._listen_control())
+            except Exception:  # noqa: BLE001 - the layer's Redis is down: the kill switch is also polled
+                logger.warning("channel layer unavailable; control messages paused until it returns")
+
+    async def _listen_control(self) -> None:
+        """Receive channel-layer messages (kill switch, terminate) without ever dying on a Redis outage."""
+        while not self._ended:
+            try:
+                message = await self.channel_layer.receive(self.channel_name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                self._joined = False  # re-join when Redis is back (next presence refresh)
+                return
+            await self.dispatch(message)
+
+    async def session_terminate(self, message: dict[str, Any]) -> None:
+        """Called by the channel layer: the kill switch was engaged, or an operator ended this session."""
+        if message.get("code") == "feature_disabled":
+            await self._end("feature_disabled", "feature_disabled", "Voice has been disabled")
+        else:
+            await self._end("terminated", "terminated", "Session ended by an operator")
+
+    async def drain(self) -> None:
+        """Called on SIGTERM: tell the client to resume elsewhere, then close 4012 and persist."""
+        await self._send_event({
+            "type": "gateway.session.draining",
+            "session_id": self.session_id,
+            "resume_token": session_services.resume_token_issue(
+                session_id=self.session_id, user_id=self.identity.user_id),
+        })
+        await self._end("draining", None, "")
+
+    # --- ending ----------------------------------------------------------------------------------------
+    async def _refuse(self, refusal: Refusal) -> None:
+        await self._send_event(refusal.event())
+        await self.base_send({"type": "websocket.close", "code": refusal.close_code})
+        self._ended = True
+
+    async def _end(
+        self, reason: str, error_code: str | None, message: str, *, error: str = "", close_code: int | None = None
+    ) -> None:
+        if self._ended:
+            return
+        code = close_code or CLOSE_CODES.get(reason, 4500)
+        if error_code:
+            await self._send_event({"type": "gateway.error", "code": error_code, "message": message})
+        self._ended = True
+        with contextlib.suppress(Exception):
+            await self.base_send({"type": "websocket.close", "code": code})
+        await self._finish(reason, code, error)
+
+    def _used_seconds(self) -> float:
+        return self.meta.used_s + (time.monotonic() - self.connected_at)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        """Called when the socket closes (client, network, or the server shutting down)."""
+        await self._finish("client_closed", message.get("code"))
+        raise StopConsumer
+
+    async def _finish(self, reason: str, close_code: int | None, error: str = "") -> None:
+        """Runs exactly once per admitted connection, whatever ended it: persist everything."""
+        if self._finished or self.session is None:
+            return
+        self._finished = True
+        self._ended = True
+        session = self.session
+        await session.close()
+        registry.unregister(self)
+        if getattr(self, "_counted_active", False):
+            metrics.ACTIVE_SESSIONS.dec()
+        connected = time.monotonic() - self.connected_at
+        meta = self.meta
+        meta.used_s += connected
+        meta.history, meta.turns = session.history, meta.turns + len(session.stats.turns)
+        state = get_state()
+        with contextlib.suppress(Exception):
+            await state.slot_release(concurrency_key(self.identity.user_id), self.session_id)
+            await state.slot_release(ACTIVE_SESSIONS_KEY, self.session_id)
+            await session_services.session_meta_save(meta)
+        record = session_services.session_end_record(
+            meta=meta, stats=session.stats, user_pk=self.admission.user.pk,
+            upstream=session.upstream_kind or self._upstream_kind(), instance=self.instance,
+            end_reason=reason, close_code=close_code, error=error, connected_s=connected,
+        )
+        await sync_to_async(session_services.voice_session_end, thread_sensitive=False)(record)
+        metrics.record_session_end(
+            outcome=reason, frames_in=session.stats.frames_in, frames_out=session.stats.frames_out,
+            bytes_in=session.stats.bytes_in, bytes_out=session.stats.bytes_out, plan=meta.plan,
+            cost=session.stats.cost_usd,
+        )
+        logger.info(
+            "voice session ended session_id=%s user_id=%s plan=%s reason=%s duration_s=%.1f frames_in=%d "
+            "frames_out=%d turns=%d rag_queries=%d cost_usd=%.6f",
+            meta.session_id, meta.user_id, meta.plan, reason, connected, session.stats.frames_in,
+            session.stats.frames_out, len(session.stats.turns), session.stats.rag_queries,
+            session.stats.cost_usd,
+        )
+
+    @staticmethod
+    def _upstream_kind() -> str:
+        return "local" if settings.VOICE_UPSTREAM == "local" else "openai"
+
+
+def _make_prefetcher() -> Any:
+    """The Option B prefetcher for a session (None when retrieval is off)."""
+    if settings.RAG_BACKEND == "off":
+        return None
+    try:
+        from voice.rag import get_retriever
+        from voice.realtime.prefetch import ContextPrefetcher
+    except ImportError:
+        return None
+    retriever = get_retriever()
+    if retriever is None:
+        return None
+    return ContextPrefetcher(
+        retriever,
+        min_words=settings.RAG_PREFETCH_MIN_WORDS,
+        debounce_ms=settings.RAG_REQUERY_DEBOUNCE_MS,
+        top_k=settings.RAG_TOP_K,
+    )

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the gateway (exposed at /metrics). Updating them is O(1) and lock-light."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ACTIVE_SESSIONS = Gauge("voice_active_sessions", "Live voice sessions on this instance")
+SESSIONS = Counter("voice_sessions_total", "Voice sessions ended, by outcome", ["outcome"])
+REFUSALS = Counter("voice_refusals_total", "Connections refused by policy, by code", ["code"])
+FIRST_AUDIO = Histogram(
+    "voice_first_audio_seconds",
+    "User speech end to first assistant audio sent to the client",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0),
+)
+RETRIEVAL_LATENCY = Histogram(
+    "voice_retrieval_seconds",
+    "Knowledge retrieval latency",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0),
+)
+FRAMES = Counter("voice_frames_total", "WebSocket frames relayed", ["direction"])
+BYTES = Counter("voice_bytes_total", "WebSocket bytes relayed", ["direction"])
+UPSTREAM_ERRORS = Counter("voice_upstream_errors_total", "Upstream error events, by code", ["code"])
+REDIS_FALLBACK = Gauge("voice_redis_fallback", "1 when this instance serves from the in-memory fallback")
+COST = Counter("voice_cost_usd_total", "Estimated OpenAI cost in USD", ["plan"])
+
+
+def record_refusal(code: str) -> None:
+    """Called for each policy refusal."""
+    REFUSALS.labels(code=code).inc()
+
+
+def record_session_end(
+    *, outcome: str, frames_in: int, frames_out: int, bytes_in: int, bytes_out: int, plan: str, cost: float
+) -> None:
+    """Called once per connection end: counters are added in bulk, not per frame (hot path stays lean)."""
+    SESSIONS.labels(outcome=outcome).inc()
+    FRAMES.labels(direction="in").inc(frames_in)
+    FRAMES.labels(direction="out").inc(frames_out)
+    BYTES.labels(direction="in").inc(bytes_in)
+    BYTES.labels(direction="out").inc(bytes_out)
+    if cost:
+        COST.labels(plan=plan).inc(cost)

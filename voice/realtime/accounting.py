@@ -1,0 +1,114 @@
+"""Per-session and per-turn counters, and cost from `response.done` usage (prices in settings)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+
+def cost_from_usage(usage: dict[str, Any] | None, model: str) -> float:
+    """USD cost of one response's usage; cached input tokens are priced as cached."""
+    if not usage:
+        return 0.0
+    prices = settings.VOICE_PRICES.get(model) or settings.VOICE_PRICES["gpt-realtime"]
+    tokens = usage_tokens(usage)
+    total = (
+        (tokens["input_text_tokens"] - tokens["cached_text_tokens"]) * prices["text_in"]
+        + tokens["cached_text_tokens"] * prices["text_cached"]
+        + (tokens["input_audio_tokens"] - tokens["cached_audio_tokens"]) * prices["audio_in"]
+        + tokens["cached_audio_tokens"] * prices["audio_cached"]
+        + tokens["output_text_tokens"] * prices["text_out"]
+        + tokens["output_audio_tokens"] * prices["audio_out"]
+    )
+    return total / 1_000_000
+
+
+def usage_tokens(usage: dict[str, Any]) -> dict[str, int]:
+    """Flatten GA usage into the token columns of VoiceSession."""
+    inp = usage.get("input_token_details") or {}
+    out = usage.get("output_token_details") or {}
+    cached = inp.get("cached_tokens_details") or {}
+    input_text = int(inp.get("text_tokens") or 0)
+    input_audio = int(inp.get("audio_tokens") or 0)
+    cached_text = min(int(cached.get("text_tokens") or 0), input_text)
+    cached_audio = min(int(cached.get("audio_tokens") or 0), input_audio)
+    return {
+        "input_text_tokens": input_text,
+        "input_audio_tokens": input_audio,
+        "cached_text_tokens": cached_text,
+        "cached_audio_tokens": cached_audio,
+        "output_text_tokens": int(out.get("text_tokens") or 0),
+        "output_audio_tokens": int(out.get("audio_tokens") or 0),
+    }
+
+
+@dataclass
+class TurnStats:
+    """One user turn, from speech start (or a text message) to the end of the answer."""
+
+    index: int
+    started_at: float = field(default_factory=time.time)  # epoch seconds
+    speech_start_mono: float | None = None
+    speech_end_mono: float | None = None
+    speech_ms: int | None = None
+    retrieval_used: bool = False
+    retrieval_started_ms: int | None = None
+    retrieval_latency_ms: float | None = None
+    retrieval_waited_ms: float | None = None
+    rag_injected: bool = False
+    first_audio_ms: float | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    interrupted: bool = False
+    response_status: str = ""
+    user_text: str = ""
+    assistant_text: str = ""
+
+    def row(self) -> dict[str, Any]:
+        """The VoiceTurn columns."""
+        data = asdict(self)
+        for transient in ("speech_start_mono", "speech_end_mono", "user_text", "assistant_text"):
+            data.pop(transient)
+        return data
+
+
+@dataclass
+class SessionStats:
+    """Counters for one connection of a session (a resumed session adds a new set to the same row)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    interruptions: int = 0
+    rag_queries: int = 0
+    rag_hits: int = 0
+    cost_usd: float = 0.0
+    tokens: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "input_text_tokens",
+                "input_audio_tokens",
+                "cached_text_tokens",
+                "cached_audio_tokens",
+                "output_text_tokens",
+                "output_audio_tokens",
+            ),
+            0,
+        )
+    )
+    turns: list[TurnStats] = field(default_factory=list)
+
+    def add_usage(self, usage: dict[str, Any] | None, model: str) -> tuple[int, int, float]:
+        """Called on each `response.done`: returns (input tokens, output tokens, cost) of it."""
+        if not usage:
+            return 0, 0, 0.0
+        for key, value in usage_tokens(usage).items():
+            self.tokens[key] += value
+        cost = cost_from_usage(usage, model)
+        self.cost_usd += cost
+        return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0), cost

@@ -1,0 +1,67 @@
+"""The live sessions of this process, for draining on shutdown and for operators."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any, Protocol
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+
+class Drainable(Protocol):
+    session_id: str
+
+    async def drain(self) -> None: ...
+
+
+_live: dict[asyncio.AbstractEventLoop, set[Any]] = {}
+_draining: set[asyncio.AbstractEventLoop] = set()
+
+
+def instance_id() -> str:
+    """This gateway instance's name in session rows (INSTANCE_ID, else host:pid)."""
+    return settings.INSTANCE_ID or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def register(consumer: Drainable) -> None:
+    """Called when a session is admitted."""
+    _live.setdefault(asyncio.get_running_loop(), set()).add(consumer)
+
+
+def unregister(consumer: Drainable) -> None:
+    """Called when a session ends."""
+    _live.get(asyncio.get_running_loop(), set()).discard(consumer)
+
+
+def live_sessions() -> list[Any]:
+    """The live consumers on this event loop."""
+    return list(_live.get(asyncio.get_running_loop(), ()))
+
+
+def is_draining() -> bool:
+    """True once this instance started draining: new connections are turned away."""
+    return asyncio.get_running_loop() in _draining
+
+
+async def drain_all() -> int:
+    """Called on SIGTERM: every live session is told to reconnect elsewhere and persisted."""
+    loop = asyncio.get_running_loop()
+    _draining.add(loop)
+    consumers = list(_live.get(loop, ()))
+    if consumers:
+        logger.warning("draining %d live voice sessions", len(consumers))
+        results = await asyncio.gather(*(c.drain() for c in consumers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.error("drain failed for a session: %s", type(result).__name__)
+    return len(consumers)
+
+
+def reset_draining() -> None:
+    """Forget the draining flag of the running loop (a restarted in-process server in tests)."""
+    _draining.discard(asyncio.get_running_loop())

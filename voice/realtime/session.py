@@ -1,0 +1,566 @@
+"""GatewaySession: one browser conversation and its upstream realtime session.
+
+The core abstraction of the gateway (in the spirit of LiveKit's RealtimeSession / Pipecat's service):
+it relays client frames to the upstream and upstream events to the client, owns the turn logic (the
+upstream's VAD ends a turn, the gateway injects retrieved context and then asks for the response), tracks
+the active response and the audio actually sent so barge-in truncation is always valid, counts everything
+for metrics, and recycles the upstream before OpenAI's 60-minute cap. It knows nothing about Django
+Channels: the consumer adapts it to a WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from django.conf import settings
+
+from voice import metrics
+from voice.realtime.accounting import SessionStats, TurnStats
+from voice.realtime.client_events import ClientEvent, dump_event
+from voice.realtime.session_config import session_update_event, strip_private_session_fields
+from voice.realtime.upstream import Upstream, UpstreamClosed, UpstreamConnectError
+
+logger = logging.getLogger(__name__)
+
+FATAL_ERROR_CODES = frozenset(
+    {"invalid_api_key", "insufficient_quota", "account_deactivated", "billing_hard_limit_reached",
+     "beta_api_shape_disabled"}
+)
+GATEWAY_EVENT_PREFIX = "gw_"  # event ids of what the gateway sends itself: their errors stay internal
+CONTEXT_ITEM_PREFIX = "ctx_"  # items the gateway injects (context, history): hidden from the client
+_DELTA_TYPES = frozenset(
+    {"response.output_audio.delta", "response.output_audio_transcript.delta", "response.output_text.delta"}
+)
+_HISTORY_CHARS = 6000
+
+
+class SessionListener(Protocol):
+    async def session_ready(self) -> None: ...
+    async def session_failed(self, reason: str, error_code: str, message: str) -> None: ...
+    async def turn_completed(self, turn: TurnStats) -> None: ...
+
+
+def _gateway_event_id() -> str:
+    return GATEWAY_EVENT_PREFIX + uuid.uuid4().hex[:16]
+
+
+class GatewaySession:
+    """A browser conversation relayed to one upstream realtime session at a time."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        send_client: Callable[[str], Awaitable[None]],
+        listener: SessionListener,
+        upstream_factory: Callable[[], Upstream],
+        prefetcher: Any = None,
+        history: list[dict[str, str]] | None = None,
+        turn_offset: int = 0,
+    ) -> None:
+        self.session_id = session_id
+        self.send_client = send_client
+        self.listener = listener
+        self.upstream_factory = upstream_factory
+        self.prefetcher = prefetcher
+        self.history: list[dict[str, str]] = list(history or [])
+        self.turn_offset = turn_offset
+        self.model = settings.OPENAI_REALTIME_MODEL
+        self.stats = SessionStats()
+        self.upstream: Upstream | None = None
+        self.upstream_kind = ""
+        self.upstream_started = 0.0
+        self.configured = False
+        self.closing = False
+        self.last_upstream_event = time.monotonic()
+        self._ready_announced = False
+        self._queue: list[str] = []
+        self._queued_bytes = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Response and item state.
+        self.response_requested = False  # response.create sent, response.created not yet seen
+        self.active_response_id: str | None = None
+        self.cancelled_responses: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.assistant_audio: OrderedDict[str, int] = OrderedDict()  # item id → audio bytes sent
+        self.item_turn: dict[str, TurnStats] = {}
+        self.user_item_id: str | None = None
+        self.context_items: list[str] = []
+        self.partial_transcripts: dict[str, str] = {}
+        self.turn: TurnStats | None = None
+        self.turn_audio_start: int | None = None
+        self.answering: TurnStats | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    @property
+    def response_in_flight(self) -> bool:
+        return self.response_requested or self.active_response_id is not None
+
+    async def start(self) -> None:
+        """Called once by the consumer after admission: connect the upstream (raises UpstreamConnectError)."""
+        await self._open_upstream()
+
+    async def _open_upstream(self) -> None:
+        upstream = self.upstream_factory()
+        await upstream.connect()
+        self.upstream, self.upstream_kind = upstream, upstream.kind
+        self.upstream_started = time.monotonic()
+        self.configured = False
+        self.last_upstream_event = time.monotonic()
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop(upstream))
+
+    async def close(self) -> None:
+        """Called when the connection ends, whatever the reason; idempotent."""
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        if self.upstream is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.upstream.close(), 2)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_upstream(self, event: dict[str, Any]) -> None:
+        event.setdefault("event_id", _gateway_event_id())
+        await self._forward(dump_event(event))
+
+    async def _forward(self, text: str) -> None:
+        if self.upstream is None:
+            return
+        try:
+            await self.upstream.send(text)
+        except UpstreamClosed:
+            pass  # the reader loop sees the close and ends or recycles the session
+
+    async def _send_client_event(self, event: dict[str, Any]) -> None:
+        await self.send_client(dump_event(event))
+
+    # --- client → upstream -------------------------------------------------------------------------
+    async def on_client_event(self, event: ClientEvent) -> None:
+        """Called for every validated client event (the hot path for audio appends)."""
+        if event.text is not None and event.type == "input_audio_buffer.append":
+            self.stats.bytes_in += event.audio_bytes
+            if self.configured:
+                await self._forward(event.text)
+            else:
+                self._enqueue(event.text)
+            return
+        handler = _CLIENT_HANDLERS.get(event.type)
+        if handler is not None:
+            await handler(self, event)
+        elif event.text is not None:
+            await self._forward_or_queue(event.text)
+
+    def _enqueue(self, text: str) -> None:
+        self._queue.append(text)
+        self._queued_bytes += len(text)
+        while self._queued_bytes > settings.VOICE_AUDIO_QUEUE_MAX_BYTES and self._queue:
+            self._queued_bytes -= len(self._queue.pop(0))  # oldest audio is least useful
+
+    async def _forward_or_queue(self, text: str) -> None:
+        if self.configured:
+            await self._forward(text)
+        else:
+            self._enqueue(text)
+
+    async def _client_item_create(self, event: ClientEvent) -> None:
+        item = event.data["item"]
+        item.setdefault("id", "item_" + uuid.uuid4().hex[:20])
+        text = " ".join(p["text"] for p in item["content"] if p["type"] == "input_text")
+        if text:
+            self.turn = self._new_turn()
+            self.turn.user_text = text
+            self.user_item_id = item["id"]
+            if self.prefetcher is not None:
+                self.prefetcher.on_speech_started()
+                self.prefetcher.on_final_transcript(text)
+        await self._forward_or_queue(dump_event({"type": "conversation.item.create", **event.data}))
+
+    async def _client_response_create(self, event: ClientEvent) -> None:
+        if self.response_in_flight:
+            await self._send_client_event(
+                {"type": "gateway.error", "code": "response_in_progress",
+                 "message": "A response is already in progress; it was not duplicated"}
+            )
+            return
+        turn = self.turn
+        if turn is not None and turn.speech_end_mono is None:
+            turn.speech_end_mono = time.monotonic()  # a text turn ends when the client asks for the answer
+        self.response_requested = True
+        self._idle.clear()
+        self._spawn(self._answer_turn(self.user_item_id, event.data))
+
+    async def _client_response_cancel(self, event: ClientEvent) -> None:
+        if self.active_response_id is not None:
+            self.cancelled_responses.add(self.active_response_id)
+            await self._send_upstream({"type": "response.cancel"})
+
+    async def _client_truncate(self, event: ClientEvent) -> None:
+        item_id = event.data["item_id"]
+        sent_bytes = self.assistant_audio.get(item_id)
+        if sent_bytes is None:
+            await self._send_client_event(
+                {"type": "gateway.error", "code": "invalid_event", "message": "unknown assistant audio item"}
+            )
+            return
+        received_ms = sent_bytes // 48
+        audio_end_ms = min(event.data["audio_end_ms"], received_ms)
+        turn = self.item_turn.get(item_id)
+        playing = self.active_response_id is not None and turn is self.answering
+        if not playing and event.data["audio_end_ms"] >= received_ms:
+            return  # playback had finished: nothing to cut
+        if playing:
+            self.cancelled_responses.add(self.active_response_id)  # type: ignore[arg-type]
+            await self._send_upstream({"type": "response.cancel"})
+        if turn is not None and not turn.interrupted:
+            turn.interrupted = True
+            self.stats.interruptions += 1
+        if audio_end_ms <= 0:
+            # A 0 ms truncate is rejected upstream; nothing was heard, so the item goes.
+            self.assistant_audio.pop(item_id, None)
+            await self._send_upstream({"type": "conversation.item.delete", "item_id": item_id})
+        else:
+            await self._send_upstream(
+                {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                 "audio_end_ms": audio_end_ms}
+            )
+
+    # --- turn logic ----------------------------------------------------------------------------------
+    def _new_turn(self) -> TurnStats:
+        turn = TurnStats(index=self.turn_offset + len(self.stats.turns))
+        self.stats.turns.append(turn)
+        return turn
+
+    async def _answer_turn(self, user_item_id: str | None, response: dict[str, Any] | None = None) -> None:
+        """Called at the user's turn end: bounded wait for context, inject it, then ask for the answer."""
+        turn = self.turn
+        try:
+            await self._inject_context(turn, user_item_id)
+            if not self._idle.is_set() and not self.response_requested:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), 3.0)
+            self.response_requested = True
+            self._idle.clear()
+            self.answering = turn
+            create: dict[str, Any] = {"type": "response.create"}
+            if response:
+                create["response"] = response
+            await self._send_upstream(create)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("answering a turn failed")
+            self.response_requested = False
+            self._idle.set()
+
+    async def _inject_context(self, turn: TurnStats | None, user_item_id: str | None) -> None:
+        stale, self.context_items = self.context_items, []
+        for item_id in stale:  # stale context is re-billed on every later response: remove it
+            await self._send_upstream({"type": "conversation.item.delete", "item_id": item_id})
+        if self.prefetcher is None or turn is None:
+            return
+        result = await self.prefetcher.wait(settings.RAG_WAIT_TIMEOUT_MS)
+        if not result.ran:
+            return
+        from voice.realtime.prefetch import format_context
+
+        self.stats.rag_queries += 1
+        injected = bool(result.ready and result.passages and user_item_id)
+        turn.retrieval_used = True
+        turn.retrieval_started_ms = (
+            int(result.started_after_speech_ms) if result.started_after_speech_ms is not None else None
+        )
+        turn.retrieval_latency_ms = result.latency_ms
+        turn.retrieval_waited_ms = result.waited_ms
+        turn.rag_injected = injected
+        if result.latency_ms is not None:
+            metrics.RETRIEVAL_LATENCY.observe(result.latency_ms / 1000)
+        if injected:
+            self.stats.rag_hits += 1
+            item_id = CONTEXT_ITEM_PREFIX + uuid.uuid4().hex[:20]
+            self.context_items.append(item_id)
+            await self._send_upstream(
+                {"type": "conversation.item.create", "previous_item_id": user_item_id,
+                 "item": {"id": item_id, "type": "message", "role": "system",
+                          "content": [{"type": "input_text", "text": format_context(result.passages)}]}}
+            )
+        await self._send_client_event(
+            {"type": "gateway.rag.context",
+             "sources": [{"title": p.title, "score": round(p.score, 3)} for p in result.passages],
+             "latency_ms": round(result.latency_ms, 1) if result.latency_ms is not None else None,
+             "injected": injected}
+        )
+
+    # --- upstream → client -----------------------------------------------------------------------------
+    async def _read_loop(self, upstream: Upstream) -> None:
+        try:
+            while True:
+                text = await upstream.recv()
+                self.last_upstream_event = time.monotonic()
+                await self._on_upstream_text(text)
+        except UpstreamClosed as exc:
+            if upstream is self.upstream and not self.closing:
+                logger.warning("upstream closed (code %s)", exc.code)
+                await self.listener.session_failed(
+                    "upstream_unavailable", "upstream_unavailable", "The voice service connection was lost"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("upstream reader crashed")
+            if not self.closing:
+                await self.listener.session_failed("internal_error", "internal_error", "Internal error")
+
+    async def _on_upstream_text(self, text: str) -> None:
+        try:
+            event = json.loads(text)
+            kind = event["type"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("malformed upstream event dropped")
+            metrics.UPSTREAM_ERRORS.labels(code="malformed_event").inc()
+            return
+        if kind in _DELTA_TYPES and event.get("response_id") in self.cancelled_responses:
+            return  # late deltas of a cancelled response must not be played
+        handler = _UPSTREAM_HANDLERS.get(kind)
+        if handler is not None:
+            forward = await handler(self, event)
+            if forward is False:
+                return
+            if isinstance(forward, dict):
+                text = dump_event(forward)
+        if kind == "response.output_audio.delta":
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(text)
+        await self.send_client(text)
+
+    async def _on_session_created(self, event: dict[str, Any]) -> dict[str, Any]:
+        await self._send_upstream(session_update_event())
+        return strip_private_session_fields(event)
+
+    async def _on_session_updated(self, event: dict[str, Any]) -> dict[str, Any] | bool:
+        first = not self.configured
+        self.configured = True
+        if first:
+            if self.history:
+                await self._replay_history()
+            queued, self._queue, self._queued_bytes = self._queue, [], 0
+            for text in queued:
+                await self._forward(text)
+            if not self._ready_announced:
+                self._ready_announced = True
+                await self.listener.session_ready()
+            else:
+                return False  # a recycled upstream: the client already has its session
+        return strip_private_session_fields(event)
+
+    async def _replay_history(self) -> None:
+        lines = []
+        for entry in self.history:
+            if entry.get("user"):
+                lines.append(f"User: {entry['user']}")
+            if entry.get("assistant"):
+                lines.append(f"Assistant: {entry['assistant']}")
+        transcript = "\n".join(lines)[-_HISTORY_CHARS:]
+        if not transcript:
+            return
+        await self._send_upstream(
+            {"type": "conversation.item.create",
+             "item": {"id": CONTEXT_ITEM_PREFIX + "history_" + uuid.uuid4().hex[:12], "type": "message",
+                      "role": "system",
+                      "content": [{"type": "input_text",
+                                   "text": "Conversation so far (continue it naturally):\n" + transcript}]}}
+        )
+
+    async def _on_speech_started(self, event: dict[str, Any]) -> None:
+        if self.active_response_id is not None:
+            # interrupt_response: the upstream cancels the answer; its late deltas must not play.
+            self.cancelled_responses.add(self.active_response_id)
+            if self.answering is not None and not self.answering.interrupted:
+                self.answering.interrupted = True
+                self.stats.interruptions += 1
+        self.turn = self._new_turn()
+        self.turn.speech_start_mono = time.monotonic()
+        self.turn_audio_start = event.get("audio_start_ms")
+        if self.prefetcher is not None:
+            self.prefetcher.on_speech_started()
+
+    async def _on_speech_stopped(self, event: dict[str, Any]) -> None:
+        turn = self.turn
+        if turn is not None:
+            turn.speech_end_mono = time.monotonic()
+            start, end = self.turn_audio_start, event.get("audio_end_ms")
+            if isinstance(start, int) and isinstance(end, int):
+                turn.speech_ms = max(0, end - start)
+
+    async def _on_committed(self, event: dict[str, Any]) -> None:
+        self.user_item_id = event.get("item_id")
+        self._spawn(self._answer_turn(self.user_item_id))
+
+    async def _on_transcript_delta(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id") or ""
+        text = self.partial_transcripts.get(item_id, "") + str(event.get("delta") or "")
+        self.partial_transcripts[item_id] = text
+        if self.prefetcher is not None:
+            self.prefetcher.on_partial_transcript(text)
+
+    async def _on_transcript_completed(self, event: dict[str, Any]) -> None:
+        text = str(event.get("transcript") or "")
+        self.partial_transcripts.pop(event.get("item_id") or "", None)
+        if self.turn is not None and not self.turn.user_text:
+            self.turn.user_text = text
+        if self.prefetcher is not None:
+            self.prefetcher.on_final_transcript(text)
+
+    async def _on_response_created(self, event: dict[str, Any]) -> None:
+        response = event.get("response") or {}
+        self.response_requested = False
+        self.active_response_id = response.get("id")
+        self._idle.clear()
+
+    async def _on_audio_delta(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id") or ""
+        delta = event.get("delta") or ""
+        size = len(delta) * 3 // 4 - (2 if delta.endswith("==") else 1 if delta.endswith("=") else 0)
+        if item_id not in self.assistant_audio:
+            self.assistant_audio[item_id] = 0
+            if len(self.assistant_audio) > 16:
+                self.assistant_audio.popitem(last=False)
+            if self.answering is not None:
+                self.item_turn[item_id] = self.answering
+        self.assistant_audio[item_id] += size
+        turn = self.answering
+        if turn is not None and turn.first_audio_ms is None and turn.speech_end_mono is not None:
+            turn.first_audio_ms = (time.monotonic() - turn.speech_end_mono) * 1000
+            metrics.FIRST_AUDIO.observe(turn.first_audio_ms / 1000)
+
+    async def _on_assistant_transcript_done(self, event: dict[str, Any]) -> None:
+        if self.answering is not None:
+            self.answering.assistant_text = str(event.get("transcript") or "")
+
+    async def _on_response_done(self, event: dict[str, Any]) -> None:
+        response = event.get("response") or {}
+        response_id = response.get("id")
+        status = response.get("status") or ""
+        self.active_response_id = None
+        self.response_requested = False
+        self._idle.set()
+        input_tokens, output_tokens, cost = self.stats.add_usage(response.get("usage"), self.model)
+        turn = self.answering
+        if turn is not None:
+            turn.input_tokens += input_tokens
+            turn.output_tokens += output_tokens
+            turn.cost_usd += cost
+            turn.response_status = status
+            if status == "cancelled":
+                turn.interrupted = True
+            self.history.append({"user": turn.user_text, "assistant": turn.assistant_text})
+            del self.history[:-20]
+            await self.listener.turn_completed(turn)
+        if status == "failed":
+            details = response.get("status_details") or {}
+            code = ((details.get("error") or {}).get("code")) or "response_failed"
+            metrics.UPSTREAM_ERRORS.labels(code=str(code)[:48]).inc()
+        if response_id in self.cancelled_responses and len(self.cancelled_responses) > 32:
+            self.cancelled_responses.clear()
+
+    async def _on_item_event(self, event: dict[str, Any]) -> bool:
+        item = event.get("item") or {}
+        item_id = item.get("id") or event.get("item_id") or ""
+        return not str(item_id).startswith(CONTEXT_ITEM_PREFIX)
+
+    async def _on_error(self, event: dict[str, Any]) -> bool:
+        error = event.get("error") or {}
+        code = str(error.get("code") or error.get("type") or "unknown")[:48]
+        metrics.UPSTREAM_ERRORS.labels(code=code).inc()
+        if code in FATAL_ERROR_CODES:
+            logger.error("upstream fatal error: %s", code)
+            await self.send_client(dump_event(event))
+            await self.listener.session_failed("upstream_error", "upstream_error",
+                                               "The voice service rejected the session")
+            return False
+        if code == "session_expired":
+            self._spawn(self.recycle())
+            return False
+        ours = str(error.get("event_id") or "").startswith(GATEWAY_EVENT_PREFIX)
+        if code == "conversation_already_has_active_response":
+            self.response_requested = False
+        logger.info("upstream error %s%s", code, " (gateway event)" if ours else "")
+        return not ours  # errors caused by the gateway's own events are handled here, not shown
+
+    # --- recycle and supervision ---------------------------------------------------------------------
+    async def recycle(self) -> None:
+        """Called before the upstream's session cap (or on session_expired): swap in a fresh upstream."""
+        if self.closing:
+            return
+        old = self.upstream
+        try:
+            await self._open_upstream()
+        except UpstreamConnectError:
+            await self.listener.session_failed(
+                "upstream_unavailable", "upstream_unavailable", "The voice service connection was lost"
+            )
+            return
+        self.response_requested, self.active_response_id = False, None
+        self._idle.set()
+        self.context_items = []
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), 2)
+
+    async def tick(self, now: float) -> None:
+        """Called every second by the consumer: stall detection and planned recycling."""
+        stalled = now - self.last_upstream_event > settings.VOICE_UPSTREAM_STALL_SECONDS
+        if stalled and (self.response_in_flight or not self.configured):
+            await self.listener.session_failed(
+                "upstream_unavailable", "upstream_unavailable", "The voice service stopped responding"
+            )
+        elif (
+            self.configured
+            and not self.response_in_flight
+            and now - self.upstream_started > settings.VOICE_UPSTREAM_RECYCLE_SECONDS
+        ):
+            self.upstream_started = now
+            self._spawn(self.recycle())
+
+
+_CLIENT_HANDLERS: dict[str, Callable[[GatewaySession, ClientEvent], Awaitable[None]]] = {
+    "conversation.item.create": GatewaySession._client_item_create,
+    "response.create": GatewaySession._client_response_create,
+    "response.cancel": GatewaySession._client_response_cancel,
+    "conversation.item.truncate": GatewaySession._client_truncate,
+}
+
+_UPSTREAM_HANDLERS: dict[str, Callable[[GatewaySession, dict[str, Any]], Awaitable[Any]]] = {
+    "session.created": GatewaySession._on_session_created,
+    "session.updated": GatewaySession._on_session_updated,
+    "input_audio_buffer.speech_started": GatewaySession._on_speech_started,
+    "input_audio_buffer.speech_stopped": GatewaySession._on_speech_stopped,
+    "input_audio_buffer.committed": GatewaySession._on_committed,
+    "conversation.item.input_audio_transcription.delta": GatewaySession._on_transcript_delta,
+    "conversation.item.input_audio_transcription.completed": GatewaySession._on_transcript_completed,
+    "response.created": GatewaySession._on_response_created,
+    "response.output_audio.delta": GatewaySession._on_audio_delta,
+    "response.output_audio_transcript.done": GatewaySession._on_assistant_transcript_done,
+    "response.done": GatewaySession._on_response_done,
+    "conversation.item.added": GatewaySession._on_item_event,
+    "conversation.item.done": GatewaySession._on_item_event,
+    "conversation.item.deleted": GatewaySession._on_item_event,
+    "error": GatewaySession._on_error,
+}

@@ -1,0 +1,175 @@
+"""The access decision: who may open a voice session, in one function and one documented order.
+
+Authentication comes first (the consumer refuses with 4401 before calling this). Then, in order:
+
+1. master switch `ENABLE_VOICE_REALTIME` off, or the runtime kill switch engaged → feature_disabled (4503)
+2. plan without voice → plan_not_allowed (4403)
+3. not on the beta list and outside the percentage bucket → not_in_rollout (4403)
+4. the plan's (or the user's) monthly budget spent → budget_exhausted (4402)
+5. hourly sessions used up (moving window, per user, shared through Redis) → rate_limited (4429)
+   — skipped when resuming a session: a resume is the same session, not a new one
+6. another live session of the same user → concurrent_session (4409)
+
+Only a session that actually starts is counted in the hourly window (`access_count_session_start`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from limits import RateLimitItemPerHour
+
+from voice.models import AccessRefusal
+from voice.services.auth import Identity
+from voice.services.rollout import rollout_cohort, rollout_snapshot
+from voice.services.state import get_state
+from voice.services.users import LocalUser, PlanPolicy, plan_policies, user_for_identity
+
+PLAN_NOT_ALLOWED_MESSAGE = "Voice is reserved for the Elite and Intelia plans"
+NOT_IN_ROLLOUT_MESSAGE = "Feature not available for your account"
+CONCURRENT_SLOT_TTL = 30.0  # seconds; live sessions refresh their slot every 10 s
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    close_code: int
+    message: str
+    retry_after: int | None = None
+
+    def event(self) -> dict:
+        """The `gateway.error` event sent before the policy close."""
+        event = {"type": "gateway.error", "code": self.code, "message": self.message}
+        if self.retry_after is not None:
+            event["retry_after"] = self.retry_after
+        return event
+
+
+@dataclass(frozen=True)
+class Admission:
+    user: LocalUser
+    plan: PlanPolicy
+    cohort: str
+
+
+UNAUTHORIZED = Refusal("unauthorized", 4401, "Authentication required")
+FEATURE_DISABLED = Refusal("feature_disabled", 4503, "Voice is temporarily unavailable")
+
+
+def _resolve_identity(identity: Identity) -> tuple[LocalUser, dict[str, PlanPolicy]]:
+    close_old_connections()
+    try:
+        return user_for_identity(external_id=identity.user_id, email=identity.email), plan_policies()
+    finally:
+        close_old_connections()
+
+
+def rate_item(plan: PlanPolicy) -> RateLimitItemPerHour:
+    """The hourly session window of a plan."""
+    return RateLimitItemPerHour(plan.sessions_per_hour)
+
+
+def rate_key(external_user_id: str) -> str:
+    return f"sessions:{external_user_id}"
+
+
+def concurrency_key(external_user_id: str) -> str:
+    return f"user_sessions:{external_user_id}"
+
+
+async def access_decide(
+    *, identity: Identity, session_id: str, resuming: bool = False
+) -> Admission | Refusal:
+    """Called once per authenticated connection, before any upstream is opened."""
+    if not settings.ENABLE_VOICE_REALTIME:
+        return FEATURE_DISABLED
+    rollout = await rollout_snapshot()
+    if not rollout.voice_enabled:
+        return FEATURE_DISABLED
+
+    user, plans = await sync_to_async(_resolve_identity, thread_sensitive=False)(identity)
+    plan_code = identity.plan or user.plan_code or ""
+    plan = plans.get(plan_code)
+    if plan is None or not plan.voice_enabled:
+        return await _refused(Refusal("plan_not_allowed", 4403, PLAN_NOT_ALLOWED_MESSAGE), identity, plan_code)
+
+    cohort = rollout_cohort(rollout, user_pk=user.pk, external_user_id=identity.user_id)
+    if cohort is None:
+        return await _refused(Refusal("not_in_rollout", 4403, NOT_IN_ROLLOUT_MESSAGE), identity, plan_code)
+
+    budget_refusal = await _budget_refusal(user, plan)
+    if budget_refusal is not None:
+        return await _refused(budget_refusal, identity, plan_code)
+
+    state = get_state()
+    if not resuming:
+        allowed, retry_after = await state.rate_check(rate_item(plan), rate_key(identity.user_id))
+        if not allowed:
+            message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
+            return await _refused(Refusal("rate_limited", 4429, message, retry_after), identity, plan_code)
+
+    acquired = await state.slot_acquire(
+        concurrency_key(identity.user_id),
+        session_id,
+        limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
+        ttl=CONCURRENT_SLOT_TTL,
+    )
+    if not acquired:
+        message = "You already have a voice session open; close it first"
+        return await _refused(Refusal("concurrent_session", 4409, message), identity, plan_code)
+    return Admission(user=user, plan=plan, cohort=cohort)
+
+
+async def access_count_session_start(*, identity: Identity, plan: PlanPolicy) -> None:
+    """Called when a new (not resumed) session is ready: it now counts in the hourly window."""
+    await get_state().rate_hit(rate_item(plan), rate_key(identity.user_id))
+
+
+async def _refused(refusal: Refusal, identity: Identity, plan_code: str) -> Refusal:
+    from voice import metrics
+
+    metrics.record_refusal(refusal.code)
+
+    def record() -> None:
+        close_old_connections()
+        try:
+            AccessRefusal.objects.create(external_user_id=identity.user_id, plan=plan_code, code=refusal.code)
+        finally:
+            close_old_connections()
+
+    await sync_to_async(record, thread_sensitive=False)()
+    return refusal
+
+
+_budget_cache: dict[str, tuple[float, float]] = {}
+BUDGET_CACHE_SECONDS = 5.0
+
+
+async def _budget_refusal(user: LocalUser, plan: PlanPolicy) -> Refusal | None:
+    from voice.selectors import month_spend_usd
+
+    checks = []
+    if user.monthly_budget_usd is not None:
+        checks.append((f"user:{user.pk}", user.monthly_budget_usd, {"user_id": user.pk}, "your"))
+    if plan.monthly_budget_usd is not None:
+        checks.append((f"plan:{plan.code}", plan.monthly_budget_usd, {"plan": plan.code}, "your plan's"))
+    for cache_key, budget, filters, whose in checks:
+        cached = _budget_cache.get(cache_key)
+        if cached is None or time.monotonic() - cached[0] > BUDGET_CACHE_SECONDS:
+            spent = await sync_to_async(month_spend_usd, thread_sensitive=False)(**filters)
+            cached = (time.monotonic(), spent)
+            _budget_cache[cache_key] = cached
+        if cached[1] >= budget:
+            return Refusal(
+                "budget_exhausted", 4402, f"Voice budget reached for {whose} account this month"
+            )
+    return None
+
+
+def budget_cache_clear() -> None:
+    """Forget cached spend figures (tests, operators)."""
+    _budget_cache.clear()

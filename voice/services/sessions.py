@@ -1,0 +1,211 @@
+"""Voice session lifecycle services: resume metadata in Redis, metrics rows in the database.
+
+Metrics are never lost: the row is created when the session starts and completed when the connection
+ends (the consumer calls this from `finally`, so SIGTERM and abrupt disconnects are covered). When the
+database is unavailable, the record is spooled to METRICS_SPOOL_DIR as JSON and replayed by the next
+successful write (or `voice_sessions --flush-spool`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core import signing
+from django.db import DatabaseError, close_old_connections, transaction
+from django.db.models import F
+
+from voice.models import VoiceSession, VoiceTurn
+from voice.realtime.accounting import SessionStats
+from voice.services.state import get_state
+
+logger = logging.getLogger(__name__)
+RESUME_SALT = "intelia-voice.resume"
+
+
+@dataclass
+class SessionMeta:
+    """What a session needs to be resumed on any instance (kept in Redis for SESSION_TTL)."""
+
+    session_id: str
+    user_id: str
+    plan: str
+    cohort: str
+    started_at: float
+    max_duration_s: float
+    used_s: float = 0.0
+    turns: int = 0
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def remaining_s(self) -> float:
+        return max(0.0, self.max_duration_s - self.used_s)
+
+
+def new_session_id() -> str:
+    return str(uuid.uuid4())
+
+
+def resume_token_issue(*, session_id: str, user_id: str) -> str:
+    """Called when a session is ready: a signed token naming the session and its owner."""
+    return signing.dumps({"s": session_id, "u": user_id}, salt=RESUME_SALT, compress=True)
+
+
+def resume_token_read(token: str) -> tuple[str, str] | None:
+    """(session_id, user_id) from a resume token, or None when forged or older than SESSION_TTL."""
+    if not token or len(token) > 512:
+        return None
+    try:
+        data = signing.loads(token, salt=RESUME_SALT, max_age=settings.SESSION_TTL)
+    except signing.BadSignature:
+        return None
+    return str(data.get("s")), str(data.get("u"))
+
+
+async def session_meta_save(meta: SessionMeta) -> None:
+    """Called at start, after each turn and at the end of a connection."""
+    await get_state().set_json(f"session:{meta.session_id}", meta.__dict__, settings.SESSION_TTL)
+
+
+async def session_meta_load(session_id: str) -> SessionMeta | None:
+    """Called on `?resume=`: the stored session, or None when unknown or expired."""
+    data = await get_state().get_json(f"session:{session_id}")
+    if not data:
+        return None
+    try:
+        return SessionMeta(**data)
+    except TypeError:
+        return None
+
+
+# --- metrics rows --------------------------------------------------------------------------------------
+
+
+def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str, instance: str) -> None:
+    """Create the session's row when it starts, or count one more connection on resume (sync; ORM)."""
+    close_old_connections()
+    try:
+        created = VoiceSession.objects.filter(pk=meta.session_id).update(connections=F("connections") + 1)
+        if not created:
+            VoiceSession.objects.create(
+                id=meta.session_id,
+                user_id=user_pk,
+                external_user_id=meta.user_id,
+                plan=meta.plan,
+                cohort=meta.cohort,
+                upstream=upstream,
+                model=settings.OPENAI_REALTIME_MODEL if upstream == "openai" else "local",
+                instance=instance,
+                started_at=datetime.fromtimestamp(meta.started_at, tz=UTC),
+            )
+    except DatabaseError:
+        logger.exception("could not create the session row; it will be created at the end")
+    finally:
+        close_old_connections()
+
+
+def voice_session_end(record: dict[str, Any]) -> None:
+    """Add one connection's counters and turns to the session row; spool when the DB fails (sync)."""
+    close_old_connections()
+    try:
+        _write_record(record)
+        _flush_spool()
+    except DatabaseError:
+        logger.exception("database unavailable at session end; metrics spooled")
+        spool_record(record)
+    finally:
+        close_old_connections()
+
+
+def session_end_record(
+    *, meta: SessionMeta, stats: SessionStats, user_pk: int | None, upstream: str, instance: str,
+    end_reason: str, close_code: int | None, error: str, connected_s: float,
+) -> dict[str, Any]:
+    """A JSON-serialisable record of one connection, written by `voice_session_end`."""
+    return {
+        "id": meta.session_id, "user_pk": user_pk, "user_id": meta.user_id, "plan": meta.plan,
+        "cohort": meta.cohort, "upstream": upstream, "instance": instance,
+        "started_at": meta.started_at, "ended_at": time.time(), "duration_s": connected_s,
+        "end_reason": end_reason, "close_code": close_code, "error": error[:2000],
+        "frames_in": stats.frames_in, "frames_out": stats.frames_out, "bytes_in": stats.bytes_in,
+        "bytes_out": stats.bytes_out, "interruptions": stats.interruptions, "rag_queries": stats.rag_queries,
+        "rag_hits": stats.rag_hits, "cost_usd": stats.cost_usd, "tokens": dict(stats.tokens),
+        "turns": [turn.row() for turn in stats.turns],
+    }
+
+
+def _write_record(record: dict[str, Any]) -> None:
+    counters = {
+        name: F(name) + record[name]
+        for name in ("frames_in", "frames_out", "bytes_in", "bytes_out", "interruptions", "rag_queries",
+                     "rag_hits", "duration_s")
+    }
+    counters.update({name: F(name) + value for name, value in record["tokens"].items()})
+    counters["cost_usd"] = F("cost_usd") + Decimal(str(round(record["cost_usd"], 6)))
+    counters["turns"] = F("turns") + len(record["turns"])
+    with transaction.atomic():
+        session, _ = VoiceSession.objects.get_or_create(
+            id=record["id"],
+            defaults={
+                "user_id": record["user_pk"], "external_user_id": record["user_id"], "plan": record["plan"],
+                "cohort": record["cohort"], "upstream": record["upstream"], "instance": record["instance"],
+                "started_at": datetime.fromtimestamp(record["started_at"], tz=UTC),
+                "model": settings.OPENAI_REALTIME_MODEL if record["upstream"] == "openai" else "local",
+            },
+        )
+        VoiceSession.objects.filter(pk=session.pk).update(
+            ended_at=datetime.fromtimestamp(record["ended_at"], tz=UTC),
+            end_reason=record["end_reason"],
+            close_code=record["close_code"],
+            error=record["error"],
+            **counters,
+        )
+        turns = []
+        for row in record["turns"]:
+            row = dict(row)
+            started = row.pop("started_at", None)
+            row["cost_usd"] = Decimal(str(round(row["cost_usd"], 6)))
+            turns.append(
+                VoiceTurn(session_id=session.pk,
+                          started_at=datetime.fromtimestamp(started, tz=UTC) if started else None, **row)
+            )
+        VoiceTurn.objects.bulk_create(turns, ignore_conflicts=True)
+
+
+def spool_record(record: dict[str, Any]) -> Path:
+    """Write a record to the spool directory (atomic rename), to be replayed later."""
+    spool = Path(settings.METRICS_SPOOL_DIR)
+    spool.mkdir(parents=True, exist_ok=True)
+    path = spool / f"{record['id']}-{time.time_ns()}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _flush_spool() -> int:
+    spool = Path(settings.METRICS_SPOOL_DIR)
+    if not spool.is_dir():
+        return 0
+    flushed = 0
+    for path in sorted(spool.glob("*.json")):
+        _write_record(json.loads(path.read_text(encoding="utf-8")))
+        path.unlink()
+        flushed += 1
+    if flushed:
+        logger.info("replayed %d spooled session records", flushed)
+    return flushed
+
+
+def flush_spool() -> int:
+    """Replay spooled records now (operators: `voice_sessions --flush-spool`)."""
+    return _flush_spool()

@@ -1,0 +1,314 @@
+"""Shared state in Redis with an in-memory fallback that takes over during an outage and hands back after.
+
+Everything the gateway keeps across instances (rate-limit windows, concurrent-session slots, session
+metadata for resume, tickets, live-session counts) goes through `SharedState`. When Redis is disabled or
+unreachable, the same operations run against process memory: the instance keeps serving, health reports
+`using_fallback`, and a background probe switches back as soon as Redis answers again, then runs the
+registered resync hooks (e.g. live sessions re-publish their slots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from django.conf import settings
+from limits import RateLimitItem
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisError
+
+from voice.logging import mask_url_password
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+KEY_PREFIX = "intelia_voice:"
+
+# Atomically: drop expired members, admit `member` if fewer than `limit` remain (or it is already in).
+_SLOT_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  return 1
+end
+return 0
+"""
+
+
+class _MemoryBackend:
+    """Process-local stand-in for the few Redis structures we use (strings with TTL, scored sets)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[str, float]] = {}
+        self.zsets: dict[str, dict[str, float]] = {}
+
+    def get(self, key: str) -> str | None:
+        item = self.values.get(key)
+        if item is None or item[1] < time.time():
+            self.values.pop(key, None)
+            return None
+        return item[0]
+
+    def set(self, key: str, value: str, ttl: float) -> None:
+        self.values[key] = (value, time.time() + ttl)
+
+    def zset(self, key: str) -> dict[str, float]:
+        members = self.zsets.setdefault(key, {})
+        now = time.time()
+        for member in [m for m, score in members.items() if score <= now]:
+            del members[member]
+        return members
+
+
+class SharedState:
+    """Redis-or-memory state for one event loop (redis.asyncio clients are bound to their loop)."""
+
+    def __init__(self, url: str, enabled: bool) -> None:
+        self.url = url
+        self.enabled = enabled
+        self.using_fallback = not enabled
+        self.memory = _MemoryBackend()
+        self.memory_limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._resync_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._probe_task: asyncio.Task[None] | None = None
+        self.client: aioredis.Redis | None = None
+        self.redis_limiter: MovingWindowRateLimiter | None = None
+        if enabled:
+            self.client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                retry_on_timeout=False,
+                decode_responses=True,
+            )
+            storage = RedisStorage(
+                "async+" + url,
+                implementation="redispy",
+                connection_pool=self.client.connection_pool,
+                key_prefix=KEY_PREFIX + "limits",
+            )
+            self.redis_limiter = MovingWindowRateLimiter(storage)
+            self._slot_script = self.client.register_script(_SLOT_ACQUIRE)
+
+    # --- availability ------------------------------------------------------------------------------
+    def add_resync_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Called by long-lived owners of state (live sessions) to re-publish it after an outage."""
+        self._resync_hooks.append(hook)
+
+    def remove_resync_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Called when that owner goes away."""
+        if hook in self._resync_hooks:
+            self._resync_hooks.remove(hook)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if not self.using_fallback:
+            # Logged once per outage; the exception text can carry the URL, so only its type is logged.
+            logger.warning(
+                "Redis unreachable (%s), serving from the in-memory fallback", type(exc).__name__
+            )
+            self.using_fallback = True
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        assert self.client is not None
+        while self.using_fallback:
+            await asyncio.sleep(settings.REDIS_PROBE_INTERVAL)
+            try:
+                await self.client.ping()
+            except (RedisError, OSError):
+                continue
+            self.using_fallback = False
+            logger.warning("Redis is reachable again, leaving the in-memory fallback")
+            for hook in list(self._resync_hooks):
+                try:
+                    await hook()
+                except Exception:  # noqa: BLE001 - one owner's failure must not stop the others
+                    logger.exception("state resync hook failed")
+
+    async def _run(
+        self,
+        on_redis: Callable[[aioredis.Redis], Awaitable[T]],
+        on_memory: Callable[[_MemoryBackend], T],
+    ) -> T:
+        if not self.using_fallback and self.client is not None:
+            try:
+                return await on_redis(self.client)
+            except (RedisError, OSError) as exc:
+                self._mark_down(exc)
+        return on_memory(self.memory)
+
+    async def ping(self) -> bool:
+        """Called by health checks: True when Redis answers (never raises)."""
+        if self.client is None:
+            return False
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            self._mark_down(exc)
+            return False
+        return True
+
+    async def info(self) -> dict[str, Any]:
+        """Called by health checks: version, clients and memory of the Redis server ({} when down)."""
+        if self.client is None or self.using_fallback:
+            return {}
+        try:
+            server = await self.client.info()
+        except (RedisError, OSError) as exc:
+            self._mark_down(exc)
+            return {}
+        return {
+            "redis_version": server.get("redis_version"),
+            "connected_clients": server.get("connected_clients"),
+            "used_memory_human": server.get("used_memory_human"),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """Called by health checks: the static part of the Redis report (URL password masked)."""
+        return {
+            "redis_enabled": self.enabled,
+            "using_fallback": self.using_fallback,
+            "redis_url": mask_url_password(self.url),
+        }
+
+    # --- key/value ----------------------------------------------------------------------------------
+    async def get_json(self, key: str) -> Any:
+        """Called to read a JSON document (None when missing or expired)."""
+        key = KEY_PREFIX + key
+        raw = await self._run(lambda r: r.get(key), lambda m: m.get(key))
+        return json.loads(raw) if raw else None
+
+    async def set_json(self, key: str, value: Any, ttl: float) -> None:
+        """Called to store a JSON document with a time to live in seconds."""
+        key, raw = KEY_PREFIX + key, json.dumps(value, separators=(",", ":"))
+        await self._run(lambda r: r.set(key, raw, ex=max(1, int(ttl))), lambda m: m.set(key, raw, ttl))
+
+    async def pop_json(self, key: str) -> Any:
+        """Called to read and delete a document atomically (single-use tickets)."""
+        key = KEY_PREFIX + key
+        raw = await self._run(lambda r: r.getdel(key), lambda m: (m.values.pop(key, (None, 0))[0]))
+        return json.loads(raw) if raw else None
+
+    async def delete(self, key: str) -> None:
+        """Called to drop a key."""
+        key = KEY_PREFIX + key
+        await self._run(lambda r: r.delete(key), lambda m: m.values.pop(key, None))
+
+    # --- slots: members with a heartbeat expiry (concurrent sessions, live sessions) -----------------
+    async def slot_acquire(self, key: str, member: str, *, limit: int, ttl: float) -> bool:
+        """Called when a session starts: take one of `limit` slots under `key` (True when taken)."""
+        key, now = KEY_PREFIX + key, time.time()
+
+        def memory(m: _MemoryBackend) -> bool:
+            members = m.zset(key)
+            if member in members or len(members) < limit:
+                members[member] = now + ttl
+                return True
+            return False
+
+        return bool(
+            await self._run(
+                lambda r: self._slot_script(keys=[key], args=[now, now + ttl, member, limit, int(ttl) + 1]),
+                memory,
+            )
+        )
+
+    async def slot_refresh(self, key: str, member: str, *, ttl: float) -> None:
+        """Called periodically by a live session to keep its slot (a crashed instance's slots expire)."""
+        key, expiry = KEY_PREFIX + key, time.time() + ttl
+
+        async def on_redis(r: aioredis.Redis) -> None:
+            await r.zadd(key, {member: expiry})
+            await r.expire(key, int(ttl) + 1)
+
+        await self._run(on_redis, lambda m: m.zset(key).__setitem__(member, expiry))
+
+    async def slot_release(self, key: str, member: str) -> None:
+        """Called when a session ends."""
+        key = KEY_PREFIX + key
+        await self._run(lambda r: r.zrem(key, member), lambda m: m.zset(key).pop(member, None))
+
+    async def slot_members(self, key: str) -> list[str]:
+        """Called by stats and operators: the live members under `key`."""
+        key, now = KEY_PREFIX + key, time.time()
+        return list(
+            await self._run(
+                lambda r: r.zrangebyscore(key, now, "+inf"),
+                lambda m: list(m.zset(key)),
+            )
+        )
+
+    # --- rate limits (the `limits` library's moving window) -----------------------------------------
+    async def rate_check(self, item: RateLimitItem, key: str) -> tuple[bool, int]:
+        """Called by the access decision: (allowed, retry_after seconds) without consuming."""
+
+        async def on_redis(_: aioredis.Redis) -> tuple[bool, int]:
+            assert self.redis_limiter is not None
+            return await _window(self.redis_limiter, item, key)
+
+        if not self.using_fallback and self.redis_limiter is not None:
+            try:
+                return await on_redis(self.client)  # type: ignore[arg-type]
+            except (RedisError, OSError) as exc:
+                self._mark_down(exc)
+        return await _window(self.memory_limiter, item, key)
+
+    async def rate_hit(self, item: RateLimitItem, key: str) -> None:
+        """Called when a session actually starts: count it in the window."""
+        if not self.using_fallback and self.redis_limiter is not None:
+            try:
+                await self.redis_limiter.hit(item, key)
+                return
+            except (RedisError, OSError) as exc:
+                self._mark_down(exc)
+        await self.memory_limiter.hit(item, key)
+
+    async def rate_clear(self, item: RateLimitItem, key: str) -> None:
+        """Called by operators (voice_reset_ratelimit) to clear a user's window everywhere."""
+        await self.memory_limiter.clear(item, key)
+        if self.redis_limiter is not None and not self.using_fallback:
+            try:
+                await self.redis_limiter.clear(item, key)
+            except (RedisError, OSError) as exc:
+                self._mark_down(exc)
+
+    async def aclose(self) -> None:
+        """Called at loop shutdown (tests, commands)."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+
+
+async def _window(limiter: MovingWindowRateLimiter, item: RateLimitItem, key: str) -> tuple[bool, int]:
+    if await limiter.test(item, key):
+        return True, 0
+    stats = await limiter.get_window_stats(item, key)
+    return False, max(1, int(stats.reset_time - time.time()) + 1)
+
+
+_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedState] = weakref.WeakKeyDictionary()
+
+
+def get_state() -> SharedState:
+    """The SharedState of the running event loop (created on first use)."""
+    loop = asyncio.get_running_loop()
+    state = _states.get(loop)
+    if state is None:
+        state = SharedState(settings.REDIS_URL, settings.REDIS_ENABLED)
+        _states[loop] = state
+    return state
+
+
+def reset_states() -> None:
+    """Forget every loop's state (tests that change REDIS_URL)."""
+    _states.clear()
