@@ -95,3 +95,67 @@ def open_rollout(db):
 
 def unique_user(prefix: str = "user") -> str:
     return f"{prefix}-{time.time_ns()}"
+
+
+SEED_PLANS = [("essential", "Essential", False), ("pro", "Pro", False), ("elite", "Elite", True),
+              ("intelia", "Intelia", True)]
+
+
+def seed_plans() -> None:
+    """Transactional tests flush the tables the data migration seeded: put the plans back."""
+    from voice.models import PlanAccess, VoiceRollout
+
+    for code, name, voice in SEED_PLANS:
+        PlanAccess.objects.get_or_create(code=code, defaults={"name": name, "voice_enabled": voice})
+    VoiceRollout.objects.get_or_create(pk=1)
+
+
+@pytest.fixture
+def live_db(transactional_db):
+    """A committed database a live server thread can see, with the plans and 100 % rollout."""
+    from voice.models import VoiceRollout
+    from voice.services.rollout import rollout_cache_clear
+
+    seed_plans()
+    VoiceRollout.objects.filter(pk=1).update(percentage=100, voice_enabled=True)
+    rollout_cache_clear()
+
+
+@pytest.fixture
+def gateway(live_db):
+    from tests.live import LiveServer
+
+    server = LiveServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def token_for():
+    from voice.services.auth import issue_access_token
+
+    def make(user_id: str | None = None, plan: str = "elite", **kwargs) -> str:
+        return issue_access_token(user_id=user_id or unique_user(), plan=plan, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def engine_spy(monkeypatch):
+    """Every client event the local engine receives (in process or behind its WebSocket server)."""
+    import json
+
+    from voice.realtime.engine.session import EngineSession
+
+    received: list[dict] = []
+    original = EngineSession.receive
+
+    def spy(self, text):
+        try:
+            received.append(json.loads(text))
+        except ValueError:
+            received.append({"type": "<malformed>"})
+        return original(self, text)
+
+    monkeypatch.setattr(EngineSession, "receive", spy)
+    return received

@@ -228,11 +228,11 @@ class VoiceConsumer(AsyncConsumer):
         await session.on_client_event(event)
 
     def _frame_allowed(self) -> bool:
-        """Token bucket: VOICE_MAX_FRAMES_PER_SECOND sustained, twice that as burst."""
+        """Token bucket: VOICE_MAX_FRAMES_PER_SECOND sustained, a 4 s burst (queued audio after a stall)."""
         now = time.monotonic()
         rate = settings.VOICE_MAX_FRAMES_PER_SECOND
-        tokens = getattr(self, "_tokens", 2.0 * rate)
-        tokens = min(2.0 * rate, tokens + (now - getattr(self, "_tokens_at", now)) * rate)
+        tokens = getattr(self, "_tokens", 4.0 * rate)
+        tokens = min(4.0 * rate, tokens + (now - getattr(self, "_tokens_at", now)) * rate)
         self._tokens_at = now
         if tokens < 1:
             self._tokens = tokens

@@ -1,0 +1,203 @@
+"""Local realtime engine: fault injection hooks, and the standalone WebSocket server (real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.test_engine import _close_upstreams, ask, cfg, drain, recv, send, start, until
+from voice.realtime.engine import LocalUpstream
+from voice.realtime.engine.server import EngineServerThread, start_engine_server
+from voice.realtime.upstream import UpstreamClosed, UpstreamConnectError
+
+__all__ = ["_close_upstreams"]  # the autouse fixture, imported so it applies here too
+AUTH = {"Authorization": "Bearer sk-local"}
+
+
+CLOSING = [("session_expired", 1001), ("beta_api_shape_disabled", 4000)]
+
+
+# --- fault injection ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("code", "error_event"), [("server_error", True), ("insufficient_quota", False)])
+async def test_fail_with_fails_the_next_response(code: str, error_event: bool) -> None:
+    up = await start(cfg(fail_with=code), create_response=False)
+    done, before = await ask(up)
+    details = done["response"]["status_details"]
+    assert done["response"]["status"] == "failed" and details["error"]["code"] == code
+    assert any(e["type"] == "error" for e in before) is error_event
+    done, _ = await ask(up)  # one shot: the next response works
+    assert done["response"]["status"] == "completed"
+
+
+@pytest.mark.parametrize(("code", "close_code"), CLOSING)
+async def test_fatal_codes_close_the_session(code: str, close_code: int) -> None:
+    up = await start(cfg(fail_with=code), create_response=False)
+    await send(up, type="response.create")
+    err, _ = await until(up, "error")
+    assert err["error"]["code"] == code
+    with pytest.raises(UpstreamClosed) as closed:
+        await until(up, "never")
+    assert closed.value.code == close_code
+
+
+async def test_invalid_api_key_refuses_connect() -> None:
+    with pytest.raises(UpstreamConnectError) as exc:
+        await LocalUpstream(cfg(fail_with="invalid_api_key")).connect()
+    assert exc.value.fatal
+
+
+async def test_close_and_stall_mid_response_and_malformed() -> None:
+    up = await start(cfg(fail_with="close_mid_response"), create_response=False)
+    await send(up, type="response.create")
+    await until(up, "response.output_audio.delta")
+    with pytest.raises(UpstreamClosed) as closed:
+        await until(up, "never")
+    assert closed.value.code == 1006
+
+    up = await start(cfg(fail_with="stall_mid_response"), create_response=False)
+    await send(up, type="response.create")
+    await until(up, "response.output_audio.delta")
+    assert await drain(up, 0.2) == []
+
+    up = await start(cfg(fail_with="malformed"), create_response=False)
+    await send(up, type="response.create")
+    texts = [await asyncio.wait_for(up.recv(), 2) for _ in range(5)]
+    assert any(not t.endswith("}") for t in texts)
+
+
+async def test_test_hook_event_and_python_hooks() -> None:
+    up = await start(cfg(test_hooks=True))
+    await send(up, type="engine.test_hook", action="malformed")
+    with pytest.raises(ValueError):
+        json.loads(await up.recv())
+    await send(up, type="engine.test_hook", action="error", code="server_error")
+    assert (await recv(up))["error"]["type"] == "server_error"
+    await send(up, type="engine.test_hook", action="error", code="session_expired")
+    assert (await recv(up))["error"]["code"] == "session_expired"
+    with pytest.raises(UpstreamClosed) as closed:
+        await recv(up)
+    assert closed.value.code == 1001
+    with pytest.raises(UpstreamClosed):  # stays closed
+        await up.send("{}")
+
+    up = await start(cfg())
+    up.crash()
+    with pytest.raises(UpstreamClosed) as closed:
+        await recv(up)
+    assert closed.value.code == 1006
+
+    up = await start(cfg())
+    pending = asyncio.ensure_future(up.recv())
+    await asyncio.sleep(0)
+    await up.close()
+    with pytest.raises(UpstreamClosed):
+        await pending
+    with pytest.raises(UpstreamClosed):
+        await up.recv()
+
+
+async def test_session_expires_after_max_duration() -> None:
+    up = await start(cfg(max_session_seconds=0.05))
+    assert (await recv(up))["error"]["code"] == "session_expired"
+    with pytest.raises(UpstreamClosed) as closed:
+        await recv(up)
+    assert closed.value.code == 1001
+
+
+# --- standalone server ---------------------------------------------------------------------------------
+@pytest.fixture
+async def server_url() -> Any:
+    server, port = await start_engine_server(port=0, config=cfg(test_hooks=True))
+    yield f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime"
+    server.close()
+    await server.wait_closed()
+
+
+async def ws_json(ws: Any, timeout: float = 3.0) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def test_server_requires_bearer_token(server_url: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Basic abc"}):
+        with pytest.raises(InvalidStatus) as exc:
+            async with connect(server_url, additional_headers=headers):
+                pass
+        assert exc.value.response.status_code == 401
+
+
+async def test_server_refuses_beta_header(server_url: str) -> None:
+    async with connect(server_url, additional_headers={**AUTH, "OpenAI-Beta": "realtime=v1"}) as ws:
+        assert (await ws_json(ws))["error"]["code"] == "beta_api_shape_disabled"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_json(ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
+
+
+async def test_server_full_text_turn(server_url: str) -> None:
+    async with connect(server_url, additional_headers=AUTH) as ws:
+        created = await ws_json(ws)
+        assert created["type"] == "session.created" and created["session"]["model"] == "gpt-realtime"
+        session = {
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}},
+        }
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        assert (await ws_json(ws))["type"] == "session.updated"
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello?"}]}
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        await ws.send(json.dumps({"type": "response.create"}))
+        kinds = []
+        while not kinds or kinds[-1] != "response.done":
+            kinds.append((await ws_json(ws))["type"])
+        assert "response.output_audio.delta" in kinds and "response.output_audio_transcript.done" in kinds
+
+
+async def test_server_faults_close_the_socket(server_url: str) -> None:
+    async with connect(server_url, additional_headers=AUTH) as ws:
+        await ws_json(ws)
+        await ws.send(json.dumps({"type": "engine.test_hook", "action": "error", "code": "session_expired"}))
+        assert (await ws_json(ws))["error"]["code"] == "session_expired"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_json(ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    async with connect(server_url, additional_headers=AUTH) as ws:
+        await ws_json(ws)
+        await ws.send(json.dumps({"type": "engine.test_hook", "action": "close", "close_code": 1006}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_json(ws)
+    assert closed.value.rcvd is None  # abnormal closure: no close frame at all
+
+
+async def test_server_fail_with_invalid_api_key_is_401() -> None:
+    server, port = await start_engine_server(port=0, config=cfg(fail_with="invalid_api_key"))
+    try:
+        with pytest.raises(InvalidStatus) as exc:
+            async with connect(f"ws://127.0.0.1:{port}/v1/realtime", additional_headers=AUTH):
+                pass
+        assert exc.value.response.status_code == 401
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_server_thread_for_sync_callers() -> None:
+    thread = EngineServerThread(cfg()).start()
+    try:
+        async with connect(thread.url + "?model=x", additional_headers=AUTH) as ws:
+            assert (await ws_json(ws))["session"]["model"] == "x"
+    finally:
+        await asyncio.to_thread(thread.stop)
+
+
+def test_management_command_help() -> None:
+    from voice.management.commands.realtime_engine import Command
+
+    text = Command().create_parser("manage.py", "realtime_engine").format_help()
+    for option in ("--port", "--host", "--first-audio-ms", "--speed", "--script"):
+        assert option in text

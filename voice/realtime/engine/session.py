@@ -1,0 +1,396 @@
+"""EngineSession: the OpenAI Realtime GA server protocol state machine, one per connection.
+
+Client events go in through `receive(text)` (synchronous: parsing and dispatch never await); server
+events come out of `out` (an asyncio.Queue of JSON text, then one `EngineClosed` when the session ends).
+Responses and delayed transcriptions run as tasks on the caller's event loop; no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import faults
+from . import response as responses
+from .config import PLACEHOLDER_TRANSCRIPT, EngineConfig
+from .conversation import Conversation, Entry, ItemError, entry_from_client, message_item
+from .protocol import (
+    default_session,
+    error_event,
+    event_id,
+    merge_session,
+    new_id,
+    text_tokens,
+    vad_params,
+    validate_session,
+)  # fmt: skip
+from .vad import BYTES_PER_MS, EnergyVad
+
+MIN_COMMIT_BYTES = 100 * BYTES_PER_MS
+
+
+@dataclass(frozen=True)
+class EngineClosed:
+    """End-of-stream marker in `EngineSession.out`: the close code/reason a real server would send."""
+
+    code: int
+    reason: str = ""
+
+
+@dataclass
+class Turn:
+    """The user turn being spoken: its item id and (scripted) transcript, for early deltas."""
+
+    item_id: str
+    start_ms: int
+    transcript: str
+    known: bool
+    words_sent: int = 0
+
+
+class EngineSession:
+    """One realtime conversation; see the package docstring for behaviour and test hooks."""
+
+    def __init__(self, config: EngineConfig | None = None, *, model: str | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.session = default_session(model or self.config.model)
+        self.conversation = Conversation()
+        self.out: asyncio.Queue[str | EngineClosed] = asyncio.Queue()
+        self.active: responses.ResponseState | None = None
+        self.closed = False
+        self.closed_with: EngineClosed | None = None  # set when the server side ended the session
+        self.stalled = False
+        self._script = self.config.transcripts()
+        self._script_pos = 0
+        self.pending_fail = self.config.fail_with  # one-shot fault for the next response
+        self._prev_input = (0, 0)  # last response's (text, audio) input tokens: the cacheable prefix
+        self._clock_bytes = 0  # every byte ever appended: the buffer clock
+        self._buffer_bytes = 0  # bytes since the last commit/clear
+        self._turn: Turn | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._vad: EnergyVad | None = None
+        self._configure_vad()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Called once by the transport after connecting: announces the session, arms the 60-min cap."""
+        self.session["expires_at"] = int(time.time() + self.config.max_session_seconds)
+        self.emit({"type": "session.created", "event_id": event_id(), "session": self.session})
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(self.config.max_session_seconds, self._expire)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Called to end the session from the server side: queues the close, stops all work."""
+        if self.closed:
+            return
+        self.shutdown()
+        self.closed_with = EngineClosed(code, reason)
+        self.out.put_nowait(self.closed_with)
+
+    def shutdown(self) -> None:
+        """Called when the peer is gone (or by close): cancels timers and tasks, emits nothing more."""
+        self.closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.active is not None and self.active.task is not None:
+            self.active.task.cancel()
+
+    def _expire(self) -> None:
+        self.inject("error", "session_expired")
+
+    # --- output ----------------------------------------------------------------------------------
+    def emit(self, event: dict[str, Any]) -> None:
+        """Queue one server event (dropped once closed or while a stall is simulated)."""
+        if not self.closed and not self.stalled:
+            self.out.put_nowait(json.dumps(event))
+
+    def emit_raw(self, text: str) -> None:
+        """Queue raw text as an event (the malformed-event hook)."""
+        if not self.closed and not self.stalled:
+            self.out.put_nowait(text)
+
+    def error(self, code: str, message: str, client: dict | None = None, param: str | None = None) -> None:
+        """Emit a recoverable `error` event echoing the client event id."""
+        cid = client.get("event_id") if client else None
+        self.emit(error_event(code, message, param=param, client_event_id=cid))
+
+    # --- input -----------------------------------------------------------------------------------
+    def receive(self, text: str | bytes) -> None:
+        """Called for every client event (JSON text); dispatches synchronously."""
+        if self.closed:
+            return
+        try:
+            event = json.loads(text)
+            kind = event["type"]
+        except (ValueError, TypeError, KeyError):
+            self.error("invalid_json", "The event could not be parsed as a JSON object with a 'type'.")
+            return
+        handler = self._handlers.get(kind)
+        if handler is None or (kind == "engine.test_hook" and not self.config.test_hooks):
+            self.error("invalid_event", f"Invalid value: '{kind}'. Unknown client event type.", event, "type")
+            return
+        handler(self, event)
+
+    def _session_update(self, ev: dict) -> None:
+        patch = ev.get("session")
+        problem = validate_session(patch)
+        if problem:
+            self.error(*problem[:2], ev, problem[2])
+            return
+        merge_session(self.session, patch)
+        self._configure_vad()
+        self.emit({"type": "session.updated", "event_id": event_id(), "session": self.session})
+
+    def _configure_vad(self) -> None:
+        td = self.session["audio"]["input"].get("turn_detection")
+        self._vad = EnergyVad(*vad_params(td)) if td else None
+
+    def _append(self, ev: dict) -> None:
+        try:
+            pcm = base64.b64decode(ev.get("audio") or "")
+        except (binascii.Error, ValueError, TypeError):
+            self.error("invalid_value", "Invalid base64 audio.", ev, "audio")
+            return
+        self._clock_bytes += len(pcm)
+        self._buffer_bytes += len(pcm)
+        if self._vad is None:
+            return
+        for kind, ms in self._vad.feed(pcm):
+            if kind == "start":
+                self._speech_started(ms)
+            elif self._turn is not None:
+                turn = self._turn
+                self.emit({"type": "input_audio_buffer.speech_stopped", "event_id": event_id(),
+                           "audio_end_ms": ms, "item_id": turn.item_id})  # fmt: skip
+                self._commit(turn, ms - turn.start_ms, auto=True)
+        if self._turn is not None and self._vad.in_speech:
+            self._early_words()
+
+    def _next_transcript(self) -> tuple[str, bool]:
+        if not self._script:
+            return PLACEHOLDER_TRANSCRIPT, False  # honest: the engine cannot recognise speech
+        text = self._script[self._script_pos % len(self._script)]
+        self._script_pos += 1
+        return text, True
+
+    def _speech_started(self, start_ms: int) -> None:
+        self._turn = Turn(new_id("item"), start_ms, *self._next_transcript())
+        self.emit({"type": "input_audio_buffer.speech_started", "event_id": event_id(),
+                   "audio_start_ms": start_ms, "item_id": self._turn.item_id})  # fmt: skip
+        td = self.session["audio"]["input"]["turn_detection"] or {}
+        if self.active is not None and td.get("interrupt_response"):
+            responses.finish(self, self.active, "cancelled", {"type": "cancelled", "reason": "turn_detected"})
+
+    def _transcribing(self) -> bool:
+        return bool(self.session["audio"]["input"].get("transcription"))
+
+    def _early_words(self) -> None:
+        """Partial transcript while the user is still speaking: one word per `partial_word_ms` of speech."""
+        turn = self._turn
+        if turn is None or not (self.config.partials_enabled and turn.known and self._transcribing()):
+            return
+        words = turn.transcript.split()
+        due = min(len(words), self._vad.speech_ms // max(1, self.config.partial_word_ms)) if self._vad else 0
+        while turn.words_sent < due:
+            word = words[turn.words_sent]
+            self._transcript_delta(turn.item_id, word if turn.words_sent == 0 else " " + word)
+            turn.words_sent += 1
+
+    def _transcript_delta(self, item_id: str, delta: str) -> None:
+        self.emit({"type": "conversation.item.input_audio_transcription.delta", "event_id": event_id(),
+                   "item_id": item_id, "content_index": 0, "delta": delta})  # fmt: skip
+
+    def _manual_commit(self, ev: dict) -> None:
+        if self._buffer_bytes < MIN_COMMIT_BYTES:
+            ms = self._buffer_bytes / BYTES_PER_MS
+            self.error(
+                "input_audio_buffer_commit_empty",
+                "Error committing input audio buffer: buffer too "
+                f"small. Expected at least 100ms of audio, but buffer only has {ms:.2f}ms of audio.",
+                ev,
+            )
+            return
+        turn = self._turn or Turn(new_id("item"), 0, *self._next_transcript())
+        self._commit(turn, self._buffer_bytes // BYTES_PER_MS, auto=False)
+
+    def _commit(self, turn: Turn, audio_ms: int, *, auto: bool) -> None:
+        prev = self.conversation.last_id()
+        self.emit({"type": "input_audio_buffer.committed", "event_id": event_id(), "previous_item_id": prev,
+                   "item_id": turn.item_id})  # fmt: skip
+        item = message_item(turn.item_id, "user", [{"type": "input_audio", "transcript": None}])
+        self.conversation.insert(Entry(item, turn.transcript, max(audio_ms, 0), turn.known))
+        self.emit({"type": "conversation.item.added", "event_id": event_id(), "previous_item_id": prev,
+                   "item": item})  # fmt: skip
+        self.emit({"type": "conversation.item.done", "event_id": event_id(), "previous_item_id": prev,
+                   "item": item})  # fmt: skip
+        self._turn, self._buffer_bytes = None, 0
+        if self._vad is not None:
+            self._vad.reset(self._clock_bytes // BYTES_PER_MS)
+        if self._transcribing():
+            if self.config.transcript_delay_ms > 0:
+                self._spawn(self._transcribe_later(turn, item))
+            else:
+                self._transcribe(turn, item)
+        td = self.session["audio"]["input"].get("turn_detection") or {}
+        if auto and td.get("create_response") and self.active is None:
+            self._start_response({}, None)
+
+    async def _transcribe_later(self, turn: Turn, item: dict) -> None:
+        await asyncio.sleep(self.config.transcript_delay_ms / 1000)
+        self._transcribe(turn, item)
+
+    def _transcribe(self, turn: Turn, item: dict) -> None:
+        words = turn.transcript.split()
+        rest = words[turn.words_sent :]
+        if rest:  # whatever the early deltas did not cover, in one last delta
+            self._transcript_delta(turn.item_id, (" " if turn.words_sent else "") + " ".join(rest))
+        item["content"][0]["transcript"] = turn.transcript
+        audio = self.conversation.by_id.get(turn.item_id)
+        tokens_in = (audio.audio_ms if audio else 0) // 100
+        out = text_tokens(turn.transcript)
+        self.emit({"type": "conversation.item.input_audio_transcription.completed", "event_id": event_id(),
+                   "item_id": turn.item_id, "content_index": 0, "transcript": turn.transcript,
+                   "usage": {"type": "tokens", "total_tokens": tokens_in + out, "input_tokens": tokens_in,
+                             "input_token_details": {"text_tokens": 0, "audio_tokens": tokens_in},
+                             "output_tokens": out}})  # fmt: skip
+
+    def _clear(self, ev: dict) -> None:
+        self._buffer_bytes, self._turn = 0, None
+        if self._vad is not None:
+            self._vad.reset(self._clock_bytes // BYTES_PER_MS)
+        self.emit({"type": "input_audio_buffer.cleared", "event_id": event_id()})
+
+    # --- conversation items ------------------------------------------------------------------------
+    def _item_create(self, ev: dict) -> None:
+        item = ev.get("item")
+        item_id = (item.get("id") if isinstance(item, dict) else None) or new_id("item")
+        try:
+            if item_id in self.conversation.by_id:
+                raise ItemError("invalid_value", f"Item with id '{item_id}' already exists.", "item.id")
+            entry = entry_from_client(item, item_id)
+            at_end = ev.get("previous_item_id") is None
+            prev = self.conversation.insert(entry, ev.get("previous_item_id"), at_end=at_end)
+        except ItemError as exc:
+            self.error(exc.code, exc.message, ev, exc.param)
+            return
+        for kind in ("conversation.item.added", "conversation.item.done"):
+            self.emit({"type": kind, "event_id": event_id(), "previous_item_id": prev, "item": entry.item})
+
+    def _item_delete(self, ev: dict) -> None:
+        item_id = ev.get("item_id")
+        if not self.conversation.delete(item_id):
+            self.error(
+                "item_delete_invalid_item_id",
+                f"Error deleting item: the item with id '{item_id}' does not exist.",
+                ev,
+                "item_id",
+            )
+            return
+        self.emit({"type": "conversation.item.deleted", "event_id": event_id(), "item_id": item_id})
+
+    def _item_truncate(self, ev: dict) -> None:
+        item_id, end_ms = ev.get("item_id"), ev.get("audio_end_ms")
+        entry = self.conversation.by_id.get(item_id)
+        if entry is None:
+            self.error(
+                "item_truncate_invalid_item_id",
+                f"Error truncating item: the item with id '{item_id}' does not exist.",
+                ev,
+                "item_id",
+            )
+        elif entry.role != "assistant" or entry.item["content"][:1] == [] or \
+                entry.item["content"][0].get("type") != "output_audio":  # fmt: skip
+            self.error("unsupported_content_type", "Only assistant audio content can be truncated.", ev)
+        elif not isinstance(end_ms, int) or end_ms < 0:
+            self.error("invalid_value", "audio_end_ms must be a non-negative integer.", ev, "audio_end_ms")
+        elif end_ms == 0:
+            self.error(
+                "unsupported_content_type",
+                "Cannot truncate audio to 0 ms; delete the item instead.",
+                ev,
+                "audio_end_ms",
+            )
+        elif end_ms > entry.audio_ms:
+            self.error("invalid_value", f"Audio content of {entry.audio_ms} ms is already shorter than "
+                       f"{end_ms} ms", ev, "audio_end_ms")  # fmt: skip
+        else:
+            keep = len(entry.text) * end_ms // max(entry.audio_ms, 1)  # transcript cut in proportion
+            entry.audio_ms, entry.text = end_ms, entry.text[:keep]
+            entry.item["content"][0]["transcript"] = entry.text
+            self.emit({"type": "conversation.item.truncated", "event_id": event_id(), "item_id": item_id,
+                       "content_index": ev.get("content_index", 0), "audio_end_ms": end_ms})  # fmt: skip
+
+    # --- responses -------------------------------------------------------------------------------
+    def _response_create(self, ev: dict) -> None:
+        if self.active is not None:
+            self.error("conversation_already_has_active_response", "Conversation already has an active "
+                       f"response in progress: {self.active.id}. Wait until the response is finished before "
+                       "creating a new one.", ev)  # fmt: skip
+            return
+        self._start_response(ev.get("response") or {}, ev)
+
+    def _start_response(self, opts: dict, ev: dict | None) -> None:
+        loop = asyncio.get_running_loop()
+        instructions = opts.get("instructions") or self.session.get("instructions") or ""
+        modalities = opts.get("output_modalities") or self.session.get("output_modalities") or ["audio"]
+        r = responses.ResponseState(
+            id=new_id("resp"), item_id=new_id("item"), modalities=list(modalities),
+            instructions=instructions, in_conversation=opts.get("conversation", "auto") != "none",
+            created_at=loop.time(), fail=self.pending_fail,
+        )  # fmt: skip
+        self.pending_fail = None
+        text_in, audio_in = self.conversation.input_tokens(instructions)
+        prev_text, prev_audio = self._prev_input
+        r.tokens_in = (text_in, audio_in, min(prev_text, text_in), min(prev_audio, audio_in))
+        self._prev_input = (text_in, audio_in)
+        self.active = r
+        r.task = loop.create_task(responses.run(self, r))
+
+    def response_finished(self, r: responses.ResponseState) -> None:
+        """Called by the response when its response.done is out: frees the one-response slot."""
+        if self.active is r:
+            self.active = None
+
+    def _response_cancel(self, ev: dict) -> None:
+        if self.active is None:
+            self.error("response_cancel_not_active", "Cancellation failed: no active response found.", ev)
+            return
+        responses.finish(self, self.active, "cancelled", {"type": "cancelled", "reason": "client_cancelled"})
+
+    # --- fault injection ---------------------------------------------------------------------------
+    def _test_hook(self, ev: dict) -> None:
+        action = ev.get("action")
+        if action not in faults.HOOK_ACTIONS:
+            self.error("invalid_value", f"Unknown test hook action: {action!r}.", ev, "action")
+            return
+        self.inject(action, ev.get("code"), ev.get("close_code"))
+
+    def inject(self, action: str, code: str | None = None, close_code: int | None = None) -> None:
+        """Called by tests (directly or via `engine.test_hook`) to simulate a fault; see package docs."""
+        faults.inject(self, action, code, close_code)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    _handlers: dict[str, Any] = {
+        "session.update": _session_update,
+        "input_audio_buffer.append": _append,
+        "input_audio_buffer.commit": _manual_commit,
+        "input_audio_buffer.clear": _clear,
+        "conversation.item.create": _item_create,
+        "conversation.item.delete": _item_delete,
+        "conversation.item.truncate": _item_truncate,
+        "response.create": _response_create,
+        "response.cancel": _response_cancel,
+        "engine.test_hook": _test_hook,
+    }
