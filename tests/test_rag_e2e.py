@@ -1,0 +1,125 @@
+"""Issue 5 through the gateway: prefetch during speech, bounded wait, injection, stale context removal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import AUDIO
+from tests.live import LiveServer, VoiceClient, read_wav
+from voice.models import VoiceTurn
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUESTION = "What is the ideal brooding temperature for day old chicks during the first week?"
+SECOND = "How much water should a broiler drink per day at four weeks of age?"
+
+
+@pytest.fixture
+def scripted(settings, tmp_path):
+    """The local engine 'hears' the manifest transcripts, word by word while the user speaks."""
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([QUESTION, SECOND]))
+    settings.LOCAL_ENGINE_SCRIPT = str(script)
+    settings.RAG_LOCAL_INDEX = str(tmp_path / "knowledge.sqlite3")
+    from voice.rag import reset_retrievers
+
+    reset_retrievers()
+    yield
+    reset_retrievers()
+
+
+async def _spoken_turn(client: VoiceClient, wav: str) -> dict:
+    await client.stream_pcm(read_wav(AUDIO / wav), pace=0.01)
+    context = await client.wait_for("gateway.rag.context", timeout=15)
+    await client.wait_for("response.done", timeout=20)
+    return context
+
+
+async def test_prefetch_during_speech_injects_before_response_and_deletes_stale(
+    live_db, scripted, token_for, engine_spy
+) -> None:
+    server = LiveServer().start()
+    try:
+        client = await VoiceClient.open(server.ws_url, token=token_for())
+        ready = await client.wait_for("gateway.session.ready")
+        context = await _spoken_turn(client, "en_brooding_temperature.wav")
+        assert context["injected"] is True and context["sources"]
+        assert "brooding" in context["sources"][0]["title"].lower() or "temperature" in \
+            context["sources"][0]["title"].lower()
+        # Early transcript deltas arrived before the end of speech, and the query started on the 5th word.
+        kinds = [e["type"] for e in client.events]
+        first_delta = kinds.index("conversation.item.input_audio_transcription.delta")
+        assert first_delta < kinds.index("input_audio_buffer.speech_stopped")
+        committed = client.seen("input_audio_buffer.committed")[0]["item_id"]
+        sent = [e["type"] for e in engine_spy]
+        inject = next(i for i, e in enumerate(engine_spy)
+                      if e["type"] == "conversation.item.create" and e["item"]["role"] == "system"
+                      and e["item"]["id"].startswith("ctx_") and "history" not in e["item"]["id"])
+        assert engine_spy[inject]["previous_item_id"] == committed
+        assert inject < sent.index("response.create")
+        first_context_id = engine_spy[inject]["item"]["id"]
+        # The injected item is the gateway's business: the client never sees it.
+        assert not [e for e in client.events if (e.get("item") or {}).get("id") == first_context_id]
+
+        await _spoken_turn(client, "en_broiler_water.wav")
+        deletes = [i for i, e in enumerate(engine_spy)
+                   if e["type"] == "conversation.item.delete" and e["item_id"] == first_context_id]
+        second_create = [i for i, e in enumerate(engine_spy) if e["type"] == "response.create"][1]
+        assert deletes and deletes[0] < second_create
+        await client.close()
+        import asyncio
+
+        await asyncio.sleep(0.5)
+        turns = [t async for t in VoiceTurn.objects.filter(session_id=ready["session_id"]).order_by("index")]
+        assert len(turns) == 2
+        speech_ms = turns[0].speech_ms
+        assert turns[0].retrieval_used and turns[0].rag_injected
+        assert turns[0].retrieval_started_ms is not None and turns[0].retrieval_started_ms < speech_ms
+        assert turns[0].retrieval_waited_ms is not None and turns[0].retrieval_waited_ms <= 250
+        assert turns[0].first_audio_ms is not None
+    finally:
+        server.stop()
+
+
+async def test_slow_retrieval_never_waits_longer_than_the_bound(live_db, scripted, settings, token_for):
+    settings.RAG_LOCAL_DELAY_MS = 3000
+    settings.RAG_WAIT_TIMEOUT_MS = 200
+    server = LiveServer().start()
+    try:
+        client = await VoiceClient.open(server.ws_url, token=token_for())
+        ready = await client.wait_for("gateway.session.ready")
+        context = await _spoken_turn(client, "fr_brooding_temperature.wav")
+        assert context["injected"] is False
+        await client.close()
+        import asyncio
+
+        await asyncio.sleep(0.5)
+        turn = await VoiceTurn.objects.aget(session_id=ready["session_id"], index=0)
+        assert turn.retrieval_used and not turn.rag_injected
+        assert turn.retrieval_waited_ms is not None and turn.retrieval_waited_ms <= 200 + 30
+    finally:
+        server.stop()
+
+
+async def test_weaviate_unreachable_turns_still_answered(live_db, settings, token_for) -> None:
+    settings.RAG_BACKEND = "weaviate"
+    settings.WEAVIATE_URL = "http://127.0.0.1:1"
+    from voice.rag import reset_retrievers
+
+    reset_retrievers()
+    server = LiveServer().start()
+    try:
+        client = await VoiceClient.open(server.ws_url, token=token_for())
+        await client.wait_for("gateway.session.ready")
+        await client.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]}})
+        await client.send({"type": "response.create"})
+        done = await client.wait_for("response.done", timeout=15)
+        assert done["response"]["status"] == "completed"
+        assert not client.seen("gateway.error")
+        await client.close()
+    finally:
+        server.stop()
+        reset_retrievers()
