@@ -80,6 +80,7 @@ class GatewaySession:
         self.upstream_started = 0.0
         self.configured = False
         self.closing = False
+        self._retiring: Upstream | None = None  # an upstream being replaced: its close is not a failure
         self.last_upstream_event = time.monotonic()
         self._ready_announced = False
         self._queue: list[str] = []
@@ -316,7 +317,7 @@ class GatewaySession:
                 self.last_upstream_event = time.monotonic()
                 await self._on_upstream_text(text)
         except UpstreamClosed as exc:
-            if upstream is self.upstream and not self.closing:
+            if upstream is self.upstream and not self.closing and upstream is not self._retiring:
                 logger.warning("upstream closed (code %s)", exc.code)
                 await self.listener.session_failed(
                     "upstream_unavailable", "upstream_unavailable", "The voice service connection was lost"
@@ -454,7 +455,7 @@ class GatewaySession:
         if self.answering is not None:
             self.answering.assistant_text = str(event.get("transcript") or "")
 
-    async def _on_response_done(self, event: dict[str, Any]) -> None:
+    async def _on_response_done(self, event: dict[str, Any]) -> bool | None:
         response = event.get("response") or {}
         response_id = response.get("id")
         status = response.get("status") or ""
@@ -475,8 +476,15 @@ class GatewaySession:
             await self.listener.turn_completed(turn)
         if status == "failed":
             details = response.get("status_details") or {}
-            code = ((details.get("error") or {}).get("code")) or "response_failed"
-            metrics.UPSTREAM_ERRORS.labels(code=str(code)[:48]).inc()
+            code = str(((details.get("error") or {}).get("code")) or "response_failed")[:48]
+            metrics.UPSTREAM_ERRORS.labels(code=code).inc()
+            if code in FATAL_ERROR_CODES:
+                logger.error("upstream fatal error in a failed response: %s", code)
+                await self.send_client(dump_event(event))
+                await self.listener.session_failed(
+                    "upstream_error", "upstream_error", "The voice service rejected the session"
+                )
+                return False
         if response_id in self.cancelled_responses and len(self.cancelled_responses) > 32:
             self.cancelled_responses.clear()
 
@@ -496,6 +504,8 @@ class GatewaySession:
                                                "The voice service rejected the session")
             return False
         if code == "session_expired":
+            # OpenAI's 60-minute cap: the close that follows is expected; a fresh upstream takes over.
+            self._retiring = self.upstream
             self._spawn(self.recycle())
             return False
         ours = str(error.get("event_id") or "").startswith(GATEWAY_EVENT_PREFIX)
@@ -510,6 +520,7 @@ class GatewaySession:
         if self.closing:
             return
         old = self.upstream
+        self._retiring = old
         try:
             await self._open_upstream()
         except UpstreamConnectError:

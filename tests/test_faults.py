@@ -1,0 +1,224 @@
+"""Issue 8 (faults): the upstream misbehaving in every documented way; the database failing at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from django.db import OperationalError
+
+from tests.live import LiveServer, VoiceClient
+from voice.models import VoiceSession
+from voice.realtime.engine.config import EngineConfig
+from voice.realtime.engine.upstream import LocalUpstream
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def upstreams(monkeypatch):
+    """Capture the in-process upstreams so a test can inject faults into them."""
+    from voice import consumers
+
+    created: list[LocalUpstream] = []
+    configs: list[EngineConfig] = []
+
+    def factory() -> LocalUpstream:
+        upstream = LocalUpstream(configs.pop(0) if configs else EngineConfig())
+        created.append(upstream)
+        return upstream
+
+    monkeypatch.setattr(consumers, "make_upstream", factory)
+    return created, configs
+
+
+async def _row(session_id: str) -> VoiceSession:
+    for _ in range(100):
+        row = await VoiceSession.objects.filter(pk=session_id, ended_at__isnull=False).afirst()
+        if row:
+            return row
+        await asyncio.sleep(0.05)
+    raise AssertionError("session row not persisted")
+
+
+async def _text_turn(client: VoiceClient, text: str = "How should I ventilate in winter?") -> None:
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    await client.send({"type": "response.create"})
+
+
+async def _open(server: LiveServer, token: str) -> tuple[VoiceClient, str]:
+    client = await VoiceClient.open(server.ws_url, token=token)
+    ready = await client.wait_for("gateway.session.ready")
+    return client, ready["session_id"]
+
+
+@pytest.mark.parametrize("code", ["insufficient_quota", "invalid_api_key", "account_deactivated",
+                                  "billing_hard_limit_reached", "beta_api_shape_disabled"])
+async def test_fatal_upstream_errors_end_the_session(gateway, token_for, upstreams, code) -> None:
+    created, _ = upstreams
+    client, session_id = await _open(gateway, token_for())
+    gateway.loop.call_soon_threadsafe(created[0].inject, "error", code)
+    assert (await client.wait_for("error"))["error"]["code"] == code  # relayed for the client's logs
+    assert (await client.wait_for("gateway.error"))["code"] == "upstream_error"
+    assert await client.wait_closed() == 4502
+    row = await _row(session_id)
+    assert row.end_reason == "upstream_error" and row.error
+
+
+async def test_quota_failure_inside_response_done_is_fatal(gateway, token_for, upstreams) -> None:
+    _, configs = upstreams
+    configs.append(EngineConfig(fail_with="insufficient_quota"))
+    client, session_id = await _open(gateway, token_for())
+    await _text_turn(client)
+    assert (await client.wait_for("gateway.error", timeout=10))["code"] == "upstream_error"
+    assert await client.wait_closed() == 4502
+    assert (await _row(session_id)).end_reason == "upstream_error"
+
+
+@pytest.mark.parametrize("code", ["server_error", "input_audio_buffer_commit_empty", "invalid_value"])
+async def test_recoverable_errors_are_relayed_and_the_session_goes_on(gateway, token_for, upstreams, code):
+    created, _ = upstreams
+    client, session_id = await _open(gateway, token_for())
+    gateway.loop.call_soon_threadsafe(created[0].inject, "error", code)
+    assert (await client.wait_for("error"))["error"]["code"] == code
+    await _text_turn(client)
+    assert (await client.wait_for("response.done", timeout=15))["response"]["status"] == "completed"
+    await client.close()
+    assert (await _row(session_id)).end_reason == "client_closed"
+
+
+async def test_failed_response_is_recorded_and_session_continues(gateway, token_for, upstreams) -> None:
+    _, configs = upstreams
+    configs.append(EngineConfig(fail_with="server_error"))
+    client, session_id = await _open(gateway, token_for())
+    await _text_turn(client)
+    done = await client.wait_for("response.done", timeout=10)
+    assert done["response"]["status"] == "failed"
+    await _text_turn(client, "And litter moisture?")
+    assert (await client.wait_for("response.done", timeout=15))["response"]["status"] == "completed"
+    await client.close()
+    row = await _row(session_id)
+    assert row.turns == 2
+
+
+async def test_session_expired_recycles_the_upstream_transparently(gateway, token_for, upstreams) -> None:
+    created, _ = upstreams
+    client, session_id = await _open(gateway, token_for())
+    await _text_turn(client, "We raise Ross 308 broilers in Brittany")
+    await client.wait_for("response.done", timeout=15)
+    gateway.loop.call_soon_threadsafe(created[0].inject, "error", "session_expired")
+    for _ in range(50):
+        if len(created) == 2 and created[1].session is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert len(created) == 2  # a fresh upstream, with the conversation replayed
+    await asyncio.sleep(0.3)
+    replayed = [entry for entry in created[1].session.conversation.by_id.values()]
+    assert replayed, "history replayed into the new upstream"
+    await _text_turn(client, "What about heat stress?")
+    assert (await client.wait_for("response.done", timeout=15))["response"]["status"] == "completed"
+    assert not client.seen("gateway.error") and not [e for e in client.seen("error")
+                                                      if e["error"]["code"] == "session_expired"]
+    assert len(client.seen("gateway.session.ready")) == 1
+    await client.close()
+    assert (await _row(session_id)).end_reason == "client_closed"
+
+
+@pytest.mark.parametrize("fault", ["close_mid_response", "crash"])
+async def test_upstream_closes_mid_response(gateway, token_for, upstreams, fault) -> None:
+    created, configs = upstreams
+    if fault == "close_mid_response":
+        configs.append(EngineConfig(fail_with="close_mid_response"))
+    client, session_id = await _open(gateway, token_for())
+    await _text_turn(client)
+    await client.wait_for("response.output_audio.delta", timeout=10)
+    if fault == "crash":
+        gateway.loop.call_soon_threadsafe(created[0].crash)
+    assert (await client.wait_for("gateway.error", timeout=3))["code"] == "upstream_unavailable"
+    assert await client.wait_closed() == 4502
+    assert (await _row(session_id)).end_reason == "upstream_unavailable"
+
+
+async def test_upstream_stall_is_detected(live_db, settings, token_for, upstreams) -> None:
+    settings.VOICE_UPSTREAM_STALL_SECONDS = 1.5
+    _, configs = upstreams
+    configs.append(EngineConfig(fail_with="stall_mid_response"))
+    server = LiveServer().start()
+    try:
+        client, session_id = await _open(server, token_for())
+        await _text_turn(client)
+        await client.wait_for("response.output_audio.delta", timeout=10)
+        started = time.monotonic()
+        assert (await client.wait_for("gateway.error", timeout=5))["code"] == "upstream_unavailable"
+        assert await client.wait_closed() == 4502
+        assert time.monotonic() - started < 4
+        assert (await _row(session_id)).end_reason == "upstream_unavailable"
+    finally:
+        server.stop()
+
+
+async def test_malformed_upstream_events_are_dropped(gateway, token_for, upstreams) -> None:
+    created, _ = upstreams
+    client, session_id = await _open(gateway, token_for())
+    for _ in range(5):
+        gateway.loop.call_soon_threadsafe(created[0].inject, "malformed")
+    await _text_turn(client)
+    assert (await client.wait_for("response.done", timeout=15))["response"]["status"] == "completed"
+    assert not client.seen("gateway.error")
+    await client.close()
+
+
+async def test_upstream_refuses_the_handshake(live_db, settings, token_for) -> None:
+    from voice.realtime.engine.server import EngineServerThread
+
+    engine = EngineServerThread(EngineConfig(fail_with="invalid_api_key")).start()
+    settings.VOICE_UPSTREAM = "openai"
+    settings.OPENAI_REALTIME_URL = engine.url
+    settings.OPENAI_API_KEY = "sk-wrong-key-for-test"
+    settings.RETRY_BASE_DELAY = 0.01
+    server = LiveServer().start()
+    try:
+        client = await VoiceClient.open(server.ws_url, token=token_for())
+        assert (await client.wait_for("gateway.error", timeout=5))["code"] == "upstream_unavailable"
+        assert await client.wait_closed() == 4502
+        assert "sk-wrong" not in str(client.events)
+        for _ in range(100):
+            row = await VoiceSession.objects.filter(ended_at__isnull=False).afirst()
+            if row:
+                break
+            await asyncio.sleep(0.05)
+        assert row.end_reason == "upstream_unavailable" and "sk-wrong" not in row.error
+        # Unreachable upstream (closed port): retried RETRY_MAX_ATTEMPTS times, then the same answer.
+        settings.OPENAI_REALTIME_URL = "ws://127.0.0.1:1/v1/realtime"
+        client = await VoiceClient.open(server.ws_url, token=token_for())
+        assert (await client.wait_for("gateway.error", timeout=10))["code"] == "upstream_unavailable"
+        assert await client.wait_closed() == 4502
+    finally:
+        server.stop()
+        engine.stop()
+
+
+def test_database_unavailable_at_session_end_spools_then_replays(db, monkeypatch, settings) -> None:
+    import uuid
+
+    from voice.realtime.accounting import SessionStats, TurnStats
+    from voice.services import sessions
+
+    meta = sessions.SessionMeta(session_id=str(uuid.uuid4()), user_id="spool-user", plan="elite",
+                                cohort="beta", started_at=time.time(), max_duration_s=600)
+    stats = SessionStats(frames_in=10, turns=[TurnStats(index=0, first_audio_ms=500.0)])
+    record = sessions.session_end_record(
+        meta=meta, stats=stats, user_pk=None, upstream="local", instance="t", end_reason="client_closed",
+        close_code=1000, error="", connected_s=3.0)
+    original = sessions._write_record
+    monkeypatch.setattr(sessions, "_write_record", lambda r: (_ for _ in ()).throw(OperationalError("down")))
+    sessions.voice_session_end(record)
+    spooled = list(__import__("pathlib").Path(settings.METRICS_SPOOL_DIR).glob("*.json"))
+    assert len(spooled) == 1 and not VoiceSession.objects.filter(pk=meta.session_id).exists()
+    monkeypatch.setattr(sessions, "_write_record", original)
+    assert sessions.flush_spool() == 1
+    row = VoiceSession.objects.get(pk=meta.session_id)
+    assert row.frames_in == 10 and row.turn_set.count() == 1
+    assert not list(__import__("pathlib").Path(settings.METRICS_SPOOL_DIR).glob("*.json"))
