@@ -5,6 +5,7 @@ Every variable is documented in `.env.example` with its default and meaning.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import environ
