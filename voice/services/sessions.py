@@ -22,7 +22,7 @@ from typing import Any
 from django.conf import settings
 from django.core import signing
 from django.db import DatabaseError, close_old_connections, transaction
-from django.db.models import F
+from django.db.models import F, Q
 
 from voice.models import VoiceSession, VoiceTurn
 from voice.realtime.accounting import SessionStats
@@ -162,12 +162,12 @@ def _write_record(record: dict[str, Any]) -> None:
                 "model": settings.OPENAI_REALTIME_MODEL if record["upstream"] == "openai" else "local",
             },
         )
-        VoiceSession.objects.filter(pk=session.pk).update(
-            ended_at=datetime.fromtimestamp(record["ended_at"], tz=UTC),
-            end_reason=record["end_reason"],
-            close_code=record["close_code"],
+        ended_at = datetime.fromtimestamp(record["ended_at"], tz=UTC)
+        VoiceSession.objects.filter(pk=session.pk).update(**counters)
+        # The outcome is the latest connection's (a drained connection's record may land after the resume's).
+        VoiceSession.objects.filter(Q(ended_at__isnull=True) | Q(ended_at__lte=ended_at), pk=session.pk).update(
+            ended_at=ended_at, end_reason=record["end_reason"], close_code=record["close_code"],
             error=record["error"],
-            **counters,
         )
         turns = []
         for row in record["turns"]:

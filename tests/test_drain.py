@@ -1,0 +1,106 @@
+"""Issue 4/8: SIGTERM on a real gateway process with live sessions: drain notice, resume elsewhere, no lost rows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from django.db import connection
+
+from tests.conftest import free_port, unique_user
+from tests.live import LiveServer, VoiceClient
+from voice.models import VoiceSession
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def database_url() -> str:
+    """The test database as a DATABASE_URL a subprocess can use."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def start_gateway_process(port: int, **env: str) -> subprocess.Popen:
+    from django.conf import settings
+
+    environment = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "ENABLE_VOICE_REALTIME": "true",
+        "VOICE_UPSTREAM": "local",
+        "MAX_SESSIONS_PER_USER_PER_HOUR": "1000",
+        "JWT_SIGNING_KEY": settings.JWT_SIGNING_KEY,
+        "LOG_LEVEL": "WARNING",
+        "METRICS_SPOOL_DIR": settings.METRICS_SPOOL_DIR,
+        **env,
+    }
+    log = open(ROOT / "var" / f"gateway-{port}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "voice_serve", "--port", str(port), "--no-access-log"],
+        cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
+    )
+    proc.log_path = log.name
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/voice/health", timeout=0.5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("gateway process did not start: " + Path(proc.log_path).read_text()[-2000:])
+
+
+async def test_sigterm_with_50_live_sessions_drains_and_resumes_elsewhere(live_db, token_for) -> None:
+    port = free_port()
+    proc = start_gateway_process(port)
+    second = LiveServer().start()
+    try:
+        users = [unique_user(f"drain{i}") for i in range(50)]
+        url = f"ws://127.0.0.1:{port}/v1/ws/voice"
+        clients = await asyncio.gather(*(VoiceClient.open(url, token=token_for(u)) for u in users))
+        readies = await asyncio.gather(*(c.wait_for("gateway.session.ready", timeout=20) for c in clients))
+        proc.send_signal(signal.SIGTERM)
+        notices = await asyncio.gather(*(c.wait_for("gateway.session.draining", timeout=15) for c in clients))
+        codes = await asyncio.gather(*(c.wait_closed(10) for c in clients))
+        assert codes == [4012] * 50
+        assert proc.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+
+        async def resume(user: str, notice: dict) -> dict:
+            client = await VoiceClient.open(second.ws_url, token=token_for(user),
+                                            query=f"resume={notice['resume_token']}")
+            ready = await client.wait_for("gateway.session.ready", timeout=20)
+            await client.close()
+            return ready
+
+        resumed = await asyncio.gather(*(resume(u, n) for u, n in zip(users, notices, strict=True)))
+        assert [r["session_id"] for r in resumed] == [r["session_id"] for r in readies]
+        assert all(r["resumed"] for r in resumed)
+        ids = [r["session_id"] for r in readies]
+        for _ in range(100):
+            rows = [r async for r in VoiceSession.objects.filter(pk__in=ids, connections=2,
+                                                                   end_reason="client_closed")]
+            if len(rows) == 50:
+                break
+            await asyncio.sleep(0.1)
+        assert len(rows) == 50  # zero lost rows: both connections of every session are recorded
+        assert {r.end_reason for r in rows} == {"client_closed"}
+        from django.conf import settings
+
+        assert not list(Path(settings.METRICS_SPOOL_DIR).glob("*.json"))  # nothing had to be spooled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        second.stop()
