@@ -46,7 +46,7 @@ def start_gateway_process(port: int, **env: str) -> subprocess.Popen:
         "METRICS_SPOOL_DIR": settings.METRICS_SPOOL_DIR,
         **env,
     }
-    log = open(ROOT / "var" / f"gateway-{port}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    log = open(ROOT / "var" / f"gateway-{port}.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "voice_serve", "--port", str(port), "--no-access-log"],
         cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,

@@ -161,7 +161,7 @@ async def test_upstream_stall_is_detected(live_db, settings, token_for, upstream
 
 async def test_malformed_upstream_events_are_dropped(gateway, token_for, upstreams) -> None:
     created, _ = upstreams
-    client, session_id = await _open(gateway, token_for())
+    client, _ = await _open(gateway, token_for())
     for _ in range(5):
         gateway.loop.call_soon_threadsafe(created[0].inject, "malformed")
     await _text_turn(client)

@@ -131,7 +131,7 @@ class SharedState:
             for hook in list(self._resync_hooks):
                 try:
                     await hook()
-                except Exception:  # noqa: BLE001 - one owner's failure must not stop the others
+                except Exception:
                     logger.exception("state resync hook failed")
 
     async def _run(

@@ -60,7 +60,7 @@ def user_for_identity(*, external_id: str, email: str = "") -> LocalUser:
     )
 
 
-def find_user(reference: str):  # noqa: ANN201 - returns the project's user model
+def find_user(reference: str):
     """Resolve an operator's USER argument: a JWT user_id (profile) or a username (sync; ORM)."""
     profile = VoiceProfile.objects.select_related("user").filter(external_id=reference).first()
     if profile is not None:
@@ -68,7 +68,7 @@ def find_user(reference: str):  # noqa: ANN201 - returns the project's user mode
     return get_user_model().objects.filter(username=reference).first()
 
 
-def system_user():  # noqa: ANN201
+def system_user():
     """The user that shell commands act as in audit records."""
     user, _ = get_user_model().objects.get_or_create(
         username=SYSTEM_USERNAME, defaults={"is_active": False}

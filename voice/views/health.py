@@ -47,6 +47,6 @@ async def health_report() -> dict:
 
 
 @require_GET
-async def health_view(request) -> JsonResponse:  # noqa: ANN001
+async def health_view(request) -> JsonResponse:
     """Called by load balancers and operators."""
     return JsonResponse(await health_report())
