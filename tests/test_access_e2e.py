@@ -215,30 +215,46 @@ async def test_redis_outage_degrades_and_recovers_without_restart(live_db, own_r
 
     channel_layers.backends.clear()
     server = LiveServer().start()
+
+    async def text_turn(client: VoiceClient) -> None:
+        await client.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Litter?"}]}})
+        await client.send({"type": "response.create"})
+        await client.wait_for("response.done", timeout=15)
+
     try:
         live = await VoiceClient.open(server.ws_url, token=token_for())
         await live.wait_for("gateway.session.ready")
-        own_redis.stop()
+        fresh_clients = []
         async with httpx.AsyncClient(base_url=server.http_url) as http:
-            health = (await http.get("/v1/voice/health")).json()
-            assert health["status"] == "degraded" and health["redis"]["using_fallback"] is True
-            # New sessions are served on the fallback; the live one keeps relaying.
-            fresh = await VoiceClient.open(server.ws_url, token=token_for())
-            await fresh.wait_for("gateway.session.ready")
-            for client in (live, fresh):
-                await client.send({"type": "conversation.item.create", "item": {
-                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Litter?"}]}})
-                await client.send({"type": "response.create"})
-                await client.wait_for("response.done", timeout=15)
-            own_redis.start()
-            for _ in range(40):
-                await asyncio.sleep(0.25)
+            for _cycle in range(3):
+                own_redis.stop()
                 health = (await http.get("/v1/voice/health")).json()
-                if health["status"] == "healthy":
-                    break
-            assert health["status"] == "healthy" and health["redis"]["using_fallback"] is False
-        for client in (live, fresh):
-            assert not [e for e in client.seen("gateway.error")], client.seen("gateway.error")
+                assert health["status"] == "degraded" and health["redis"]["using_fallback"] is True
+                # New sessions are served on the fallback; the live one keeps relaying.
+                fresh = await VoiceClient.open(server.ws_url, token=token_for())
+                await fresh.wait_for("gateway.session.ready")
+                fresh_clients.append(fresh)
+                for client in (live, fresh):
+                    await text_turn(client)
+                own_redis.start()
+                for _ in range(40):
+                    await asyncio.sleep(0.25)
+                    health = (await http.get("/v1/voice/health")).json()
+                    if health["status"] == "healthy":
+                        break
+                assert health["status"] == "healthy" and health["redis"]["using_fallback"] is False
+                await text_turn(live)
+        # State resynchronised: the live sessions published their slots again after each restart.
+        import redis.asyncio as aioredis
+
+        r = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        await asyncio.sleep(0.5)
+        live_ids = await r.zrange("intelia_voice:active_sessions", 0, -1)
+        await r.aclose()
+        assert live.seen("gateway.session.ready")[0]["session_id"] in live_ids
+        for client in (live, *fresh_clients):
+            assert not client.seen("gateway.error"), client.seen("gateway.error")
             await client.close()
     finally:
         server.stop()
