@@ -10,12 +10,13 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from voice.observability.sentry import wrap_websocket_app  # noqa: E402
 from voice.routing import websocket_urlpatterns  # noqa: E402
 from voice.security import VoiceOriginValidator  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": VoiceOriginValidator(URLRouter(websocket_urlpatterns)),
+        "websocket": wrap_websocket_app(VoiceOriginValidator(URLRouter(websocket_urlpatterns))),
     }
 )

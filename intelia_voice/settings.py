@@ -73,11 +73,14 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL + a busy timeout let the relay's metrics writes and the admin coexist.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"}
+        # IMMEDIATE: a transaction that reads then writes would otherwise fail at once with
+        # "database is locked" (no busy wait on a read→write upgrade) when instances write together.
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"}
     )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file (not in-memory) test database: live-server threads and subprocess servers share it.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / "test_db.sqlite3")}
+    # One per test process, so concurrent test runs never share (and destroy) each other's database.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / f"test_db_{os.getpid()}.sqlite3")}
 (BASE_DIR / "var").mkdir(exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -91,7 +94,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "/static/"
-STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "var" / "static")))
+STATIC_ROOT = BASE_DIR / env.str("STATIC_ROOT", default="var/static")  # relative paths: under the project
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing root on every start
 # WhiteNoise serves static files in every mode, so any ASGI server works without nginx.
 WHITENOISE_USE_FINDERS = True
@@ -121,11 +124,12 @@ ENABLE_VOICE_REALTIME = env.bool("ENABLE_VOICE_REALTIME", default=False)
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
 OPENAI_REALTIME_URL = env.str("OPENAI_REALTIME_URL", default="wss://api.openai.com/v1/realtime")
 OPENAI_REALTIME_MODEL = env.str("OPENAI_REALTIME_MODEL", default="gpt-realtime")
-VOICE_UPSTREAM = env.str("VOICE_UPSTREAM", default="openai" if OPENAI_API_KEY else "local")
+# Empty values (as in .env.example) mean "use the default", for every setting below that derives one.
+VOICE_UPSTREAM = env.str("VOICE_UPSTREAM", default="") or ("openai" if OPENAI_API_KEY else "local")
 VOICE_NAME = env.str("VOICE_NAME", default="marin")
 VOICE_INPUT_LANGUAGE = env.str("VOICE_INPUT_LANGUAGE", default="")  # "" = let the model detect
 VOICE_TRANSCRIPTION_MODEL = env.str("VOICE_TRANSCRIPTION_MODEL", default="gpt-4o-transcribe")
-VOICE_PROMPT_FILE = env.str("VOICE_PROMPT_FILE", default=str(BASE_DIR / "voice" / "prompts" / "system.md"))
+VOICE_PROMPT_FILE = str(BASE_DIR / env.str("VOICE_PROMPT_FILE", default="voice/prompts/system.md"))
 VOICE_INSTRUCTIONS = env.str("VOICE_INSTRUCTIONS", default="")  # overrides the prompt file when set
 VOICE_VAD_THRESHOLD = env.float("VOICE_VAD_THRESHOLD", default=0.5)
 VOICE_VAD_SILENCE_MS = env.int("VOICE_VAD_SILENCE_MS", default=500)
@@ -154,9 +158,9 @@ LOCAL_ENGINE_SPEED = env.float("LOCAL_ENGINE_SPEED", default=8.0)  # audio strea
 LOCAL_ENGINE_TTS = env.str("LOCAL_ENGINE_TTS", default="auto")  # auto | espeak | tone
 
 # --- Auth (JWT) --------------------------------------------------------------------------------
-JWT_SIGNING_KEY = env.str("JWT_SIGNING_KEY", default=SECRET_KEY)
+JWT_SIGNING_KEY = env.str("JWT_SIGNING_KEY", default="") or SECRET_KEY
 JWT_VERIFYING_KEY = env.str("JWT_VERIFYING_KEY", default="")  # PEM: switches to RS256
-JWT_ALGORITHM = env.str("JWT_ALGORITHM", default="RS256" if JWT_VERIFYING_KEY else "HS256")
+JWT_ALGORITHM = env.str("JWT_ALGORITHM", default="") or ("RS256" if JWT_VERIFYING_KEY else "HS256")
 JWT_AUDIENCE = env.str("JWT_AUDIENCE", default="") or None
 JWT_ISSUER = env.str("JWT_ISSUER", default="") or None
 JWT_MAX_TOKEN_BYTES = env.int("JWT_MAX_TOKEN_BYTES", default=8192)
@@ -176,7 +180,7 @@ SIMPLE_JWT = {
 
 # --- Knowledge (RAG) ---------------------------------------------------------------------------
 RAG_BACKEND = env.str("RAG_BACKEND", default="local")  # local | weaviate | off
-RAG_LOCAL_INDEX = env.str("RAG_LOCAL_INDEX", default=str(BASE_DIR / "var" / "knowledge.sqlite3"))
+RAG_LOCAL_INDEX = str(BASE_DIR / env.str("RAG_LOCAL_INDEX", default="var/knowledge.sqlite3"))
 RAG_LOCAL_DELAY_MS = env.int("RAG_LOCAL_DELAY_MS", default=0)
 RAG_PREFETCH_MIN_WORDS = env.int("RAG_PREFETCH_MIN_WORDS", default=5)
 RAG_WAIT_TIMEOUT_MS = env.int("RAG_WAIT_TIMEOUT_MS", default=200)
@@ -210,14 +214,14 @@ VOICE_KPI_MIN_SATISFACTION = env.float("VOICE_KPI_MIN_SATISFACTION", default=4.0
 
 # --- Observability -----------------------------------------------------------------------------
 SENTRY_DSN = env.str("SENTRY_DSN", default="")
-SENTRY_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="development" if DEBUG else "production")
+SENTRY_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="") or ("development" if DEBUG else "production")
 SENTRY_TRACES_SAMPLE_RATE = env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.1)
 SENTRY_PROFILES_SAMPLE_RATE = env.float("SENTRY_PROFILES_SAMPLE_RATE", default=0.1)
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOG_FORMAT = env.str("LOG_FORMAT", default="console" if DEBUG else "json")  # json | console
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"])
-METRICS_SPOOL_DIR = env.str("METRICS_SPOOL_DIR", default=str(BASE_DIR / "var" / "spool"))
+METRICS_SPOOL_DIR = str(BASE_DIR / env.str("METRICS_SPOOL_DIR", default="var/spool"))
 
 LOGGING = {
     "version": 1,
@@ -235,3 +239,8 @@ LOGGING = {
         "daphne": {"handlers": ["console"], "level": "WARNING", "propagate": False},
     },
 }
+
+# --- Observability setup: structured redacted logs, then Sentry (keep this last) -----------------
+from voice.observability import setup as _observability_setup  # noqa: E402
+
+_observability_setup(globals())

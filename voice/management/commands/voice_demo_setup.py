@@ -15,12 +15,12 @@ DEMO_USER = "demo-user"
 class Command(BaseCommand):
     help = "Create the demo user on the Elite plan (beta list) and print the demo URL and a dev token."
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001
+    def add_arguments(self, parser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--minutes", type=int, default=12 * 60)
 
-    def handle(self, *args, **options) -> None:  # noqa: ANN002, ANN003
+    def handle(self, *args, **options) -> None:
         user = user_for_identity(external_id=DEMO_USER, email="demo@example.com")
         elite = PlanAccess.objects.get(code="elite")
         from voice.models import VoiceProfile

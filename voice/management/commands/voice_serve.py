@@ -10,14 +10,14 @@ from voice.server import VoiceServer, server_config
 class Command(BaseCommand):
     help = "Serve Intelia Voice (HTTP + WebSocket) with uvicorn; SIGTERM drains live voice sessions."
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001
+    def add_arguments(self, parser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--uds", default=None, help="Unix domain socket path instead of host/port.")
         parser.add_argument("--no-access-log", action="store_true")
         parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
 
-    def handle(self, *args, **options) -> None:  # noqa: ANN002, ANN003
+    def handle(self, *args, **options) -> None:
         config = server_config(
             host=options["host"], port=options["port"], uds=options["uds"],
             access_log=not options["no_access_log"], loop=options["loop"],

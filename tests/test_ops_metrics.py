@@ -1,0 +1,49 @@
+"""Prometheus /metrics: exposition and protection (bearer token, else allowed networks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from voice import metrics
+
+pytestmark = pytest.mark.django_db
+
+
+def test_exposition_from_an_allowed_network(client, settings):
+    settings.METRICS_TOKEN = ""
+    settings.METRICS_ALLOWED_NETWORKS = ["127.0.0.1/32", "::1/128"]
+    metrics.record_refusal("rate_limited")
+    response = client.get("/metrics")  # the test client's REMOTE_ADDR is 127.0.0.1
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    body = response.content.decode()
+    assert "voice_active_sessions" in body
+    assert 'voice_refusals_total{code="rate_limited"}' in body
+    assert "voice_redis_fallback 0.0" in body  # refreshed at scrape time from the shared state
+    assert "voice_first_audio_seconds_bucket" in body
+
+
+def test_refused_outside_the_allowed_networks(client, settings):
+    settings.METRICS_TOKEN = ""
+    settings.METRICS_ALLOWED_NETWORKS = ["10.0.0.0/8"]
+    assert client.get("/metrics").status_code == 403
+    assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
+    assert client.get("/metrics", REMOTE_ADDR="not-an-ip").status_code == 403
+    settings.METRICS_ALLOWED_NETWORKS = ["garbage", "10.0.0.0/8"]
+    assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
+
+
+def test_token_required_when_configured(client, settings):
+    settings.METRICS_TOKEN = "scrape-secret-123"
+    settings.METRICS_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    assert client.get("/metrics").status_code == 403  # the network alone is not enough any more
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Basic scrape-secret-123").status_code == 403
+    ok = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-secret-123", REMOTE_ADDR="192.0.2.7")
+    assert ok.status_code == 200
+    assert b"voice_sessions_total" in ok.content or b"voice_active_sessions" in ok.content
+
+
+def test_post_not_allowed(client, settings):
+    settings.METRICS_TOKEN = ""
+    assert client.post("/metrics").status_code == 405

@@ -1,0 +1,125 @@
+"""`manage.py voice_health`: check the gateway's dependencies from the shell (deploy checks, debugging).
+
+Required: the database, Redis (when REDIS_ENABLED) and the upstream (for VOICE_UPSTREAM=openai: a TCP
+connection to the OPENAI_REALTIME_URL host and an API key configured). Optional: the knowledge backend
+(sessions continue without retrieval), reported as a warning unless --strict. Never prints secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+from urllib.parse import urlparse
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connection
+
+from voice.services.stats import run_with_state
+from voice.views.health import health_report
+
+TIMEOUT_S = 3.0
+OK, DOWN, WARN, SKIP = "ok", "down", "warn", "skipped"
+
+
+def check_database() -> dict[str, Any]:
+    """A trivial query on the default database."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except DatabaseError as exc:
+        return {"status": DOWN, "detail": type(exc).__name__}
+    return {"status": OK, "detail": connection.vendor}
+
+
+async def check_upstream() -> dict[str, Any]:
+    """The realtime upstream: local engine always OK; OpenAI: key configured and host reachable (TCP)."""
+    if settings.VOICE_UPSTREAM != "openai":
+        return {"status": OK, "detail": f"{settings.VOICE_UPSTREAM} engine (in process)"}
+    url = urlparse(settings.OPENAI_REALTIME_URL)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme in ("wss", "https") else 80)
+    if not settings.OPENAI_API_KEY:
+        return {"status": DOWN, "detail": "OPENAI_API_KEY is not set"}
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        return {"status": DOWN, "detail": f"{host}:{port} unreachable ({type(exc).__name__})"}
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return {"status": OK, "detail": f"{host}:{port} reachable"}
+
+
+async def check_knowledge() -> dict[str, Any]:
+    """The RAG backend's own health (guarded: the rag package may be absent or misconfigured)."""
+    if settings.RAG_BACKEND == "off":
+        return {"status": SKIP, "detail": "RAG_BACKEND=off"}
+    try:
+        from voice.rag import close_retriever, get_retriever
+    except ImportError:
+        return {"status": WARN, "detail": "voice.rag not available"}
+    try:
+        retriever = get_retriever()
+        if retriever is None:
+            return {"status": SKIP, "detail": "no retriever configured"}
+        report = await asyncio.wait_for(retriever.health(), TIMEOUT_S * 2)
+    except Exception as exc:  # noqa: BLE001 - a broken optional backend is reported, not raised
+        return {"status": WARN, "detail": f"{settings.RAG_BACKEND}: {type(exc).__name__}"}
+    finally:
+        with contextlib.suppress(Exception):
+            await close_retriever()
+    status = OK if report.get("reachable") else WARN
+    return {"status": status, "detail": f"{report.get('backend', settings.RAG_BACKEND)}, "
+                                         f"documents={report.get('documents')}"}
+
+
+class Command(BaseCommand):
+    help = (
+        "Check the database, Redis, the realtime upstream and the knowledge backend. Exit status 1 when a "
+        "required dependency is down (with --strict, also when the knowledge backend is)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        """Called by Django to declare the command line."""
+        parser.add_argument("--json", action="store_true", help="Print the checks as JSON.")
+        parser.add_argument("--strict", action="store_true", help="Fail on warnings too.")
+
+    def handle(self, *args, **options) -> None:
+        """Called by Django with the parsed options; raises CommandError (exit status 1) on failure."""
+        checks = {"database": check_database()}
+
+        async def probe(_state: Any) -> dict[str, Any]:
+            report, upstream, knowledge = await asyncio.gather(health_report(), check_upstream(),
+                                                               check_knowledge())
+            return {"report": report, "upstream": upstream, "knowledge": knowledge}
+
+        result = run_with_state(probe)
+        redis = result["report"]["redis"]
+        if not redis["redis_enabled"]:
+            checks["redis"] = {"status": SKIP, "detail": "REDIS_ENABLED=false (single instance only)"}
+        elif redis["redis_available"]:
+            checks["redis"] = {"status": OK, "detail": f"{redis['redis_url']} (v{redis['redis_version']})"}
+        else:
+            checks["redis"] = {"status": DOWN, "detail": f"{redis['redis_url']} unreachable"}
+        checks["upstream"] = result["upstream"]
+        checks["knowledge"] = result["knowledge"]
+        failed = [name for name, check in checks.items() if check["status"] == DOWN]
+        if options["strict"]:
+            failed += [name for name, check in checks.items() if check["status"] == WARN]
+        if options["json"]:
+            self.stdout.write(json.dumps({"checks": checks, "ok": not failed,
+                                          "feature_enabled": settings.ENABLE_VOICE_REALTIME,
+                                          "version": settings.APP_VERSION}, indent=2))
+        else:
+            for name, check in checks.items():
+                style = {OK: self.style.SUCCESS, DOWN: self.style.ERROR, WARN: self.style.WARNING}.get(
+                    check["status"], str)
+                self.stdout.write(f"{name:<10} {style(check['status'].upper()):<8} {check['detail']}")
+            if not settings.ENABLE_VOICE_REALTIME:
+                self.stdout.write(self.style.WARNING("ENABLE_VOICE_REALTIME is off: voice is disabled."))
+        if failed:
+            raise CommandError(f"unhealthy: {', '.join(failed)}")

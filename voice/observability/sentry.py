@@ -1,0 +1,151 @@
+"""Sentry error tracking with secret scrubbing everywhere an event can carry one.
+
+`init_sentry()` is called from settings (through `voice.observability.setup`). Without a DSN nothing is
+initialised and one log line says so. Every event and transaction goes through `scrub_event`, which
+removes credentials from request headers (Authorization, Cookie, Sec-WebSocket-Protocol with its
+`bearer.<jwt>` subprotocol), query strings (`?token=`, `?ticket=`, `?resume=`), and any JWT-shaped or
+`sk-…` string anywhere in the event (messages, exception values, breadcrumbs, extra, contexts, spans,
+stack-frame variables), reusing `voice.logging.redact`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from voice.logging import redact
+
+logger = logging.getLogger("voice.observability")
+
+FILTERED = "[Filtered]"
+# Keys (compared lower-cased, `-` and `_` equivalent) whose values are dropped wholesale.
+SENSITIVE_KEYS = frozenset({
+    "authorization", "proxy_authorization", "cookie", "cookies", "set_cookie", "sec_websocket_protocol",
+    "x_api_key", "api_key", "apikey", "token", "access_token", "refresh_token", "ticket", "resume",
+    "resume_token", "password", "secret", "openai_api_key", "weaviate_api_key", "jwt_signing_key",
+    "secret_key", "metrics_token", "sentry_dsn",
+})
+# Probe and scrape endpoints: never traced.
+UNTRACED_PATHS = ("/v1/voice/health", "/metrics")
+# A voice WebSocket transaction lasts the whole session (minutes) and holds no useful spans: errors are
+# reported either way, so these transactions are not sampled at all.
+WEBSOCKET_TRACES_SAMPLE_RATE = 0.0
+
+_state: dict[str, Any] = {"initialised": False, "disabled_logged": False, "traces_rate": 0.0}
+
+
+def _normalise(key: str) -> str:
+    # Stack-frame variables arrive as reprs: b'cookie', 'authorization'.
+    key = key.strip()
+    if key[:2] in ("b'", 'b"'):
+        key = key[1:]
+    return key.strip("'\"").lower().replace("-", "_")
+
+
+def _sensitive(key: object) -> bool:
+    return isinstance(key, str) and _normalise(key) in SENSITIVE_KEYS
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 20:
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: FILTERED if _sensitive(k) and v else _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        # Header lists: [["authorization", "Bearer …"], …]
+        if len(value) == 2 and _sensitive(value[0]):
+            return [value[0], FILTERED]
+        return [_scrub(item, depth + 1) for item in value]
+    return value
+
+
+def scrub_event(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Called by Sentry (before_send / before_send_transaction) for every outgoing event."""
+    request = event.get("request")
+    if isinstance(request, dict):
+        request.pop("cookies", None)
+        request.pop("data", None)  # bodies may carry tokens (e.g. a ticket request); never needed
+    return _scrub(event)
+
+
+def traces_sampler(sampling_context: dict[str, Any]) -> float:
+    """Called by Sentry for each new transaction: probes untraced, WebSockets errors-only, else the rate."""
+    rate = float(_state["traces_rate"])
+    parent = sampling_context.get("parent_sampled")
+    if parent is not None:
+        return 1.0 if parent else 0.0
+    scope = sampling_context.get("asgi_scope") or {}
+    context = sampling_context.get("transaction_context") or {}
+    if scope.get("type") == "websocket" or str(context.get("op", "")).startswith("websocket"):
+        return WEBSOCKET_TRACES_SAMPLE_RATE
+    path = scope.get("path") or ""
+    if not path and "wsgi_environ" in sampling_context:
+        path = sampling_context["wsgi_environ"].get("PATH_INFO", "")
+    if path in UNTRACED_PATHS:
+        return 0.0
+    return rate
+
+
+def init_sentry(
+    *,
+    dsn: str,
+    environment: str,
+    release: str,
+    traces_sample_rate: float,
+    profiles_sample_rate: float,
+    transport: Any = None,
+) -> bool:
+    """Called at startup (settings) and by tests: initialise the SDK; False when no DSN is configured."""
+    if not dsn:
+        if not _state["disabled_logged"]:
+            _state["disabled_logged"] = True
+            logger.info("Sentry DSN not configured, error tracking disabled")
+        return False
+    import sentry_sdk
+    from sentry_sdk.integrations.django import DjangoIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
+    options: dict[str, Any] = {
+        "dsn": dsn,
+        "environment": environment,
+        "release": release or None,
+        # send_default_pii is left unset, which means False: sentry-sdk ≥ 2.6x deprecates the option (a
+        # DeprecationWarning when passed) in favour of data_collection, and treats "unset" as False.
+        "traces_sampler": traces_sampler,
+        "profiles_sample_rate": profiles_sample_rate,
+        "integrations": [
+            DjangoIntegration(),
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
+        ],
+        "before_send": scrub_event,
+        "before_send_transaction": scrub_event,
+        "max_request_body_size": "never",
+    }
+    if transport is not None:
+        options["transport"] = transport
+    _state["traces_rate"] = traces_sample_rate  # traces_sampler applies it (and wins over the option)
+    sentry_sdk.init(**options)
+    _state["initialised"] = True
+    return True
+
+
+def sentry_enabled() -> bool:
+    """Called by asgi.py: True when init_sentry() initialised the SDK."""
+    return _state["initialised"]
+
+
+def wrap_websocket_app(app: Callable[..., Any]) -> Callable[..., Any]:
+    """Called by asgi.py: the WebSocket app wrapped in SentryAsgiMiddleware (unchanged without Sentry).
+
+    The middleware opens a scope per connection, attaches the (scrubbed) request data, and reports any
+    exception escaping the consumer; exceptions the consumer handles are logged with logger.exception and
+    reported through the LoggingIntegration.
+    """
+    if not sentry_enabled():
+        return app
+    from sentry_sdk.integrations.asgi import SentryAsgiMiddleware
+
+    return SentryAsgiMiddleware(app, mechanism_type="asgi.websocket")
