@@ -6,6 +6,7 @@ Every variable is documented in `.env.example` with its default and meaning.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import environ
@@ -96,7 +97,9 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATIC_ROOT = BASE_DIR / env.str("STATIC_ROOT", default="var/static")  # relative paths: under the project
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing root on every start
-# WhiteNoise serves static files in every mode, so any ASGI server works without nginx.
+# WhiteNoise serves static files in every mode, so any ASGI server works without nginx. Its file
+# responses iterate synchronously, which Django's ASGI handler warns about on every file: harmless.
+warnings.filterwarnings("ignore", message="StreamingHttpResponse must consume synchronous iterators")
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 

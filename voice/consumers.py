@@ -22,6 +22,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from voice import metrics
+from voice.observability.logs import bind_session, clear_session
 from voice.realtime import registry
 from voice.realtime.accounting import TurnStats
 from voice.realtime.client_events import ClientEventError, dump_event, parse_client_frame
@@ -142,6 +143,8 @@ class VoiceConsumer(AsyncConsumer):
             meta.plan, meta.cohort = admission.plan.code, admission.cohort
             meta.max_duration_s = admission.plan.max_session_seconds
         self.session_id = meta.session_id
+        # Every log line of this connection (and of the tasks it starts) carries these.
+        bind_session(meta.session_id, self.identity.user_id, meta.plan)
         self.deadline = time.monotonic() + meta.remaining_s
         self.warned = False
         self.instance = registry.instance_id()
@@ -370,6 +373,9 @@ class VoiceConsumer(AsyncConsumer):
         self._finished = True
         self._ended = True
         session = self.session
+        listener = getattr(self, "_control_listener", None)
+        if listener is not None and listener is not asyncio.current_task():
+            listener.cancel()
         await session.close()
         registry.unregister(self)
         if getattr(self, "_counted_active", False):
@@ -380,8 +386,11 @@ class VoiceConsumer(AsyncConsumer):
         meta.history, meta.turns = session.history, meta.turns + len(session.stats.turns)
         state = get_state()
         with contextlib.suppress(Exception):
-            await state.slot_release(concurrency_key(self.identity.user_id), self.session_id)
-            await state.slot_release(ACTIVE_SESSIONS_KEY, self.session_id)
+            if reason != "draining":
+                # A drained client resumes elsewhere at once under the same session id: releasing here
+                # could delete the slot the new instance just took. Unrefreshed slots expire in 30 s.
+                await state.slot_release(concurrency_key(self.identity.user_id), self.session_id)
+                await state.slot_release(ACTIVE_SESSIONS_KEY, self.session_id)
             await session_services.session_meta_save(meta)
         record = session_services.session_end_record(
             meta=meta, stats=session.stats, user_pk=self.admission.user.pk,
@@ -401,6 +410,7 @@ class VoiceConsumer(AsyncConsumer):
             session.stats.frames_out, len(session.stats.turns), session.stats.rag_queries,
             session.stats.cost_usd,
         )
+        clear_session()
 
     @staticmethod
     def _upstream_kind() -> str:

@@ -26,6 +26,9 @@ class VoiceServer(uvicorn.Server):
 
         for server in self.servers:
             server.close()  # stop accepting before telling clients to reconnect elsewhere
+        if self.force_exit:  # a second SIGINT (or a test simulating a crash): no drain
+            await super().shutdown(sockets)
+            return
         try:
             drained = await asyncio.wait_for(drain_all(), settings.VOICE_DRAIN_GRACE_SECONDS + 5)
             if drained:

@@ -126,13 +126,18 @@ class SharedState:
                 await self.client.ping()
             except (RedisError, OSError):
                 continue
-            self.using_fallback = False
-            logger.warning("Redis is reachable again, leaving the in-memory fallback")
-            for hook in list(self._resync_hooks):
-                try:
-                    await hook()
-                except Exception:
-                    logger.exception("state resync hook failed")
+            await self._mark_up()
+
+    async def _mark_up(self) -> None:
+        if not self.using_fallback:
+            return
+        self.using_fallback = False
+        logger.warning("Redis is reachable again, leaving the in-memory fallback")
+        for hook in list(self._resync_hooks):
+            try:
+                await hook()
+            except Exception:  # one owner's failure must not stop the others
+                logger.exception("state resync hook failed")
 
     async def _run(
         self,
@@ -155,6 +160,7 @@ class SharedState:
         except (RedisError, OSError) as exc:
             self._mark_down(exc)
             return False
+        await self._mark_up()  # a successful health probe ends the outage at once
         return True
 
     async def info(self) -> dict[str, Any]:
