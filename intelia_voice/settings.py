@@ -159,6 +159,8 @@ LOCAL_ENGINE_TRANSCRIPT_DELAY_MS = env.int("LOCAL_ENGINE_TRANSCRIPT_DELAY_MS", d
 LOCAL_ENGINE_SCRIPT = env.str("LOCAL_ENGINE_SCRIPT", default="")  # path to a JSON list of transcripts
 LOCAL_ENGINE_SPEED = env.float("LOCAL_ENGINE_SPEED", default=8.0)  # audio streamed N× real time
 LOCAL_ENGINE_TTS = env.str("LOCAL_ENGINE_TTS", default="auto")  # auto | espeak | tone
+# Transcript deltas during speech in script mode (default: on when a script is set). False is OpenAI-like.
+LOCAL_ENGINE_PARTIAL_TRANSCRIPTS = env.bool("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", default=None)
 
 # --- Auth (JWT) --------------------------------------------------------------------------------
 JWT_SIGNING_KEY = env.str("JWT_SIGNING_KEY", default="") or SECRET_KEY
@@ -191,6 +193,7 @@ RAG_REQUERY_DEBOUNCE_MS = env.int("RAG_REQUERY_DEBOUNCE_MS", default=150)
 RAG_TOP_K = env.int("RAG_TOP_K", default=3)
 RAG_QUERY_TIMEOUT_S = env.float("RAG_QUERY_TIMEOUT_S", default=2.0)
 EARLY_TRANSCRIPTION = env.str("EARLY_TRANSCRIPTION", default="off")  # off | openai
+EARLY_TRANSCRIPTION_SLICE_MS = env.int("EARLY_TRANSCRIPTION_SLICE_MS", default=600)
 WEAVIATE_URL = env.str("WEAVIATE_URL", default="")
 WEAVIATE_API_KEY = env.str("WEAVIATE_API_KEY", default="")
 WEAVIATE_COLLECTION = env.str("WEAVIATE_COLLECTION", default="InteliaKnowledge")

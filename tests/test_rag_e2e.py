@@ -123,3 +123,29 @@ async def test_weaviate_unreachable_turns_still_answered(live_db, settings, toke
     finally:
         server.stop()
         reset_retrievers()
+
+
+async def test_parallel_transcription_session_starts_retrieval_during_speech(live_db, scripted, settings,
+                                                                              token_for) -> None:
+    """OpenAI-like: the conversation session transcribes only after commit; the transcription-only
+    session (EARLY_TRANSCRIPTION=openai, committed in slices while the user speaks) feeds the prefetch."""
+    settings.LOCAL_ENGINE_PARTIAL_TRANSCRIPTS = False
+    settings.EARLY_TRANSCRIPTION = "openai"
+    settings.EARLY_TRANSCRIPTION_SLICE_MS = 500
+    server = LiveServer().start()
+    try:
+        client = await VoiceClient.open(server.ws_url, token=token_for())
+        ready = await client.wait_for("gateway.session.ready")
+        context = await _spoken_turn(client, "en_brooding_temperature.wav")
+        kinds = [e["type"] for e in client.events]
+        stopped = kinds.index("input_audio_buffer.speech_stopped")
+        assert "conversation.item.input_audio_transcription.delta" not in kinds[:stopped]  # OpenAI-like
+        assert context["injected"] is True
+        await client.close()
+        import asyncio
+
+        await asyncio.sleep(0.5)
+        turn = await VoiceTurn.objects.aget(session_id=ready["session_id"], index=0)
+        assert turn.retrieval_started_ms is not None and turn.retrieval_started_ms < turn.speech_ms
+    finally:
+        server.stop()

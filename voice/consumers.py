@@ -149,9 +149,14 @@ class VoiceConsumer(AsyncConsumer):
         self.warned = False
         self.instance = registry.instance_id()
         prefetcher = _make_prefetcher()
+        early = None
+        if prefetcher is not None and settings.EARLY_TRANSCRIPTION == "openai":
+            from voice.realtime.early_transcription import EarlyTranscriber
+
+            early = EarlyTranscriber(prefetcher.on_partial_transcript)
         self.session = GatewaySession(
             session_id=meta.session_id, send_client=self._send_text, listener=self,
-            upstream_factory=make_upstream, prefetcher=prefetcher, history=meta.history,
+            upstream_factory=make_upstream, prefetcher=prefetcher, early=early, history=meta.history,
             turn_offset=meta.turns,
         )
         registry.register(self)

@@ -63,6 +63,7 @@ class GatewaySession:
         listener: SessionListener,
         upstream_factory: Callable[[], Upstream],
         prefetcher: Any = None,
+        early: Any = None,
         history: list[dict[str, str]] | None = None,
         turn_offset: int = 0,
     ) -> None:
@@ -71,6 +72,7 @@ class GatewaySession:
         self.listener = listener
         self.upstream_factory = upstream_factory
         self.prefetcher = prefetcher
+        self.early = early  # EarlyTranscriber (EARLY_TRANSCRIPTION=openai) or None
         self.history: list[dict[str, str]] = list(history or [])
         self.turn_offset = turn_offset
         self.model = settings.OPENAI_REALTIME_MODEL
@@ -110,6 +112,8 @@ class GatewaySession:
     async def start(self) -> None:
         """Called once by the consumer after admission: connect the upstream (raises UpstreamConnectError)."""
         await self._open_upstream()
+        if self.early is not None:
+            self._spawn(self.early.start())
 
     async def _open_upstream(self) -> None:
         upstream = self.upstream_factory()
@@ -127,6 +131,8 @@ class GatewaySession:
             task.cancel()
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.early is not None:
+            await self.early.close()
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
         if self.upstream is not None:
@@ -162,6 +168,8 @@ class GatewaySession:
                 await self._forward(event.text)
             else:
                 self._enqueue(event.text)
+            if self.early is not None:
+                await self.early.on_audio(event.text, event.audio_bytes)
             return
         handler = _CLIENT_HANDLERS.get(event.type)
         if handler is not None:
@@ -401,8 +409,12 @@ class GatewaySession:
         self.turn_audio_start = event.get("audio_start_ms")
         if self.prefetcher is not None:
             self.prefetcher.on_speech_started()
+        if self.early is not None:
+            self.early.speech_started()
 
     async def _on_speech_stopped(self, event: dict[str, Any]) -> None:
+        if self.early is not None:
+            await self.early.speech_stopped()
         turn = self.turn
         if turn is not None:
             turn.speech_end_mono = time.monotonic()

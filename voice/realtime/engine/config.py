@@ -39,7 +39,10 @@ class EngineConfig:
     script: str | list[str] | None = field(default_factory=lambda: setting("LOCAL_ENGINE_SCRIPT", "") or None)
     speed: float = field(default_factory=lambda: float(setting("LOCAL_ENGINE_SPEED", 8.0)))  # <= 0: unpaced
     tts: str = field(default_factory=lambda: str(setting("LOCAL_ENGINE_TTS", "auto")))  # auto|espeak|tone
-    partial_transcripts: bool | None = None  # None: on when a script is set
+    # None: on when a script is set; False reproduces OpenAI (input transcription only after commit).
+    partial_transcripts: bool | None = field(
+        default_factory=lambda: setting("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", None)
+    )
     partial_word_ms: int = 250  # one early transcript word per this much detected speech
     answerer: Answerer | None = None
     use_rag: bool = True  # try voice.rag for questions with a known text

@@ -67,6 +67,7 @@ class EngineSession:
         self.stalled = False
         self._script = self.config.transcripts()
         self._script_pos = 0
+        self._slice_words: list[str] = []  # transcription sessions: words left of the current utterance
         self.pending_fail = self.config.fail_with  # one-shot fault for the next response
         self._prev_input = (0, 0)  # last response's (text, audio) input tokens: the cacheable prefix
         self._clock_bytes = 0  # every byte ever appended: the buffer clock
@@ -218,8 +219,27 @@ class EngineSession:
                 ev,
             )
             return
+        if self.session.get("type") == "transcription":
+            self._transcribe_slice()
+            return
         turn = self._turn or Turn(new_id("item"), 0, *self._next_transcript())
         self._commit(turn, self._buffer_bytes // BYTES_PER_MS, auto=False)
+
+    def _transcribe_slice(self) -> None:
+        """Transcription-only sessions: each commit transcribes its slice, one script word per
+        `partial_word_ms` of audio (the engine cannot recognise speech; the script stands in for it)."""
+        slice_ms = self._buffer_bytes // BYTES_PER_MS
+        if not self._slice_words:
+            text, known = self._next_transcript()
+            self._slice_words = text.split() if known else [text]
+        count = max(1, slice_ms // max(1, self.config.partial_word_ms))
+        piece, self._slice_words = self._slice_words[:count], self._slice_words[count:]
+        item_id, self._buffer_bytes = new_id("item"), 0
+        self.emit({"type": "input_audio_buffer.committed", "event_id": event_id(), "previous_item_id": None,
+                   "item_id": item_id})  # fmt: skip
+        self.emit({"type": "conversation.item.input_audio_transcription.completed", "event_id": event_id(),
+                   "item_id": item_id, "content_index": 0, "transcript": " ".join(piece),
+                   "usage": {"type": "duration", "seconds": round(slice_ms / 1000, 2)}})  # fmt: skip
 
     def _commit(self, turn: Turn, audio_ms: int, *, auto: bool) -> None:
         prev = self.conversation.last_id()
@@ -263,7 +283,7 @@ class EngineSession:
                              "output_tokens": out}})  # fmt: skip
 
     def _clear(self, ev: dict) -> None:
-        self._buffer_bytes, self._turn = 0, None
+        self._buffer_bytes, self._turn, self._slice_words = 0, None, []
         if self._vad is not None:
             self._vad.reset(self._clock_bytes // BYTES_PER_MS)
         self.emit({"type": "input_audio_buffer.cleared", "event_id": event_id()})
