@@ -28,8 +28,9 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 pytestmark = pytest.mark.browser
 needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="Chromium is not installed at /usr/bin/chromium (scripts/ensure-browser.sh installs the Debian package)",
+    not CHROMIUM.exists() or not AUDIO.is_dir(),
+    reason="needs Chromium at /usr/bin/chromium (scripts/ensure-browser.sh installs the Debian package)"
+    " and ../shared/audio (the microphone recording)",
 )
 
 

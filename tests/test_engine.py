@@ -6,15 +6,14 @@ import asyncio
 import base64
 import json
 import wave
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.conftest import AUDIO
 from voice.realtime.engine import PLACEHOLDER_TRANSCRIPT, EngineConfig, LocalUpstream
 
-AUDIO = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 SPEECH = ["en_broiler_water.wav", "en_brooding_temperature.wav", "fr_brooding_temperature.wav"]
 QUESTION = "What is the ideal brooding temperature for day old chicks during the first week?"
 needs_audio = pytest.mark.skipif(not AUDIO.is_dir(), reason="shared test audio not available")

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from tests.conftest import AUDIO
+from tests.conftest import AUDIO, needs_audio
 from tests.live import LiveServer, VoiceClient, read_wav
 from voice.models import VoiceTurn
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), needs_audio]
 
 QUESTION = "What is the ideal brooding temperature for day old chicks during the first week?"
 SECOND = "How much water should a broiler drink per day at four weeks of age?"

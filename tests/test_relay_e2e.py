@@ -10,7 +10,7 @@ import time
 import pytest
 import websockets
 
-from tests.conftest import AUDIO
+from tests.conftest import AUDIO, needs_audio
 from tests.live import VoiceClient, read_wav
 from voice.models import VoiceSession, VoiceTurn
 
@@ -42,6 +42,7 @@ async def _spoken_turn(client: VoiceClient, wav: str = "en_brooding_temperature.
     await client.wait_for("response.done", timeout=15)
 
 
+@needs_audio
 async def test_spoken_turn_in_process_engine(gateway, token_for, engine_spy) -> None:
     client = await _ready(gateway, token_for())
     ready = client.seen("gateway.session.ready")[0]
@@ -67,6 +68,7 @@ async def test_spoken_turn_in_process_engine(gateway, token_for, engine_spy) -> 
     assert turn.speech_ms and 3000 < turn.speech_ms < 7000
 
 
+@needs_audio
 async def test_audio_relayed_byte_for_byte_over_real_websocket(live_db, settings, token_for, engine_spy):
     from tests.live import LiveServer
     from voice.realtime.engine.server import EngineServerThread
