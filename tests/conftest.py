@@ -90,6 +90,9 @@ def _fresh_process_state(settings):
     access.budget_cache_clear()
     state.reset_states()
     yield
+    from voice.services.db import close_db_thread_connections
+
+    close_db_thread_connections()  # PostgreSQL cannot drop a test database with open connections
     rollout.rollout_cache_clear()
     users.plan_cache_clear()
     access.budget_cache_clear()

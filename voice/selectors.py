@@ -137,30 +137,25 @@ def top_spenders(start: datetime, limit: int = 10) -> list[dict]:
     ]
 
 
-def plans_with_month_spend() -> QuerySet[PlanAccess]:
-    """Plans annotated with `month_spend` (Decimal) — the admin list and `voice_plans`."""
+def _month_spend(group_by: str, outer: str) -> Coalesce:
+    """This month's spend of the sessions whose `group_by` equals the outer row's `outer`, as a column."""
     spend = (
-        VoiceSession.objects.filter(plan=OuterRef("code"), started_at__gte=month_start())
-        .values("plan")
+        VoiceSession.objects.filter(**{group_by: OuterRef(outer)}, started_at__gte=month_start())
+        .values(group_by)
         .annotate(total=Sum("cost_usd"))
         .values("total")
     )
-    return PlanAccess.objects.annotate(
-        month_spend=Coalesce(Subquery(spend), Value(Decimal(0)), output_field=MONEY)
-    )
+    return Coalesce(Subquery(spend), Value(Decimal(0)), output_field=MONEY)
+
+
+def plans_with_month_spend() -> QuerySet[PlanAccess]:
+    """Plans annotated with `month_spend` (Decimal) — the admin list and `voice_plans`."""
+    return PlanAccess.objects.annotate(month_spend=_month_spend("plan", "code"))
 
 
 def profiles_with_month_spend() -> QuerySet[VoiceProfile]:
     """Profiles annotated with `month_spend` (Decimal) — the admin list."""
-    spend = (
-        VoiceSession.objects.filter(user_id=OuterRef("user_id"), started_at__gte=month_start())
-        .values("user_id")
-        .annotate(total=Sum("cost_usd"))
-        .values("total")
-    )
-    return VoiceProfile.objects.annotate(
-        month_spend=Coalesce(Subquery(spend), Value(Decimal(0)), output_field=MONEY)
-    )
+    return VoiceProfile.objects.annotate(month_spend=_month_spend("user_id", "user_id"))
 
 
 def daily_series(days: int, now: datetime | None = None) -> list[dict]:

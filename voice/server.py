@@ -8,6 +8,7 @@ persists its metrics; then uvicorn finishes as usual.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 
@@ -19,6 +20,14 @@ logger = logging.getLogger(__name__)
 
 class VoiceServer(uvicorn.Server):
     """uvicorn.Server whose shutdown drains voice sessions first."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Called once by uvicorn before serving."""
+        await super().startup(sockets)
+        # Django and the app leave ~100k long-lived objects: a full collection of them stalls the loop
+        # (and every session's audio) for ~70 ms. Freeze them out of the collector once at start-up.
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Called by uvicorn after SIGTERM/SIGINT (or should_exit)."""

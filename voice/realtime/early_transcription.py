@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 
 from voice.realtime.client_events import dump_event
+from voice.realtime.session_config import input_transcription
 from voice.realtime.upstream import Upstream, UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,6 @@ def transcription_upstream() -> Upstream:
 
 def transcription_session_update() -> dict[str, Any]:
     """GA session.update of a transcription-only session with manual commits."""
-    transcription: dict[str, Any] = {"model": settings.VOICE_TRANSCRIPTION_MODEL}
-    if settings.VOICE_INPUT_LANGUAGE:
-        transcription["language"] = settings.VOICE_INPUT_LANGUAGE
     return {
         "type": "session.update",
         "session": {
@@ -53,7 +51,7 @@ def transcription_session_update() -> dict[str, Any]:
             "audio": {
                 "input": {
                     "format": {"type": "audio/pcm", "rate": 24000},
-                    "transcription": transcription,
+                    "transcription": input_transcription(),
                     "noise_reduction": {"type": "near_field"},
                     "turn_detection": None,
                 }

@@ -29,11 +29,16 @@ def instructions() -> str:
         return _FALLBACK_INSTRUCTIONS
 
 
-def session_update_event() -> dict[str, Any]:
-    """The one GA `session.update` sent when an upstream session is created."""
+def input_transcription() -> dict[str, Any]:
+    """The input transcription settings (model, and language when pinned)."""
     transcription: dict[str, Any] = {"model": settings.VOICE_TRANSCRIPTION_MODEL}
     if settings.VOICE_INPUT_LANGUAGE:
         transcription["language"] = settings.VOICE_INPUT_LANGUAGE
+    return transcription
+
+
+def session_update_event() -> dict[str, Any]:
+    """The one GA `session.update` sent when an upstream session is created."""
     return {
         "type": "session.update",
         "session": {
@@ -44,7 +49,7 @@ def session_update_event() -> dict[str, Any]:
             "audio": {
                 "input": {
                     "format": {"type": "audio/pcm", "rate": 24000},
-                    "transcription": transcription,
+                    "transcription": input_transcription(),
                     "noise_reduction": {"type": "near_field"},
                     "turn_detection": {
                         "type": "server_vad",

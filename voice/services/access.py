@@ -18,13 +18,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 from limits import RateLimitItemPerHour
 
 from voice.models import AccessRefusal
 from voice.services.auth import Identity
+from voice.services.db import run_db
 from voice.services.rollout import rollout_cohort, rollout_snapshot
 from voice.services.state import get_state
 from voice.services.users import LocalUser, PlanPolicy, plan_policies, user_for_identity
@@ -61,11 +60,7 @@ FEATURE_DISABLED = Refusal("feature_disabled", 4503, "Voice is temporarily unava
 
 
 def _resolve_identity(identity: Identity) -> tuple[LocalUser, dict[str, PlanPolicy]]:
-    close_old_connections()
-    try:
-        return user_for_identity(external_id=identity.user_id, email=identity.email), plan_policies()
-    finally:
-        close_old_connections()
+    return user_for_identity(external_id=identity.user_id, email=identity.email), plan_policies()
 
 
 def rate_item(plan: PlanPolicy) -> RateLimitItemPerHour:
@@ -91,7 +86,7 @@ async def access_decide(
     if not rollout.voice_enabled:
         return FEATURE_DISABLED
 
-    user, plans = await sync_to_async(_resolve_identity, thread_sensitive=False)(identity)
+    user, plans = await run_db(_resolve_identity, identity)
     plan_code = identity.plan or user.plan_code or ""
     plan = plans.get(plan_code)
     if plan is None or not plan.voice_enabled:
@@ -134,14 +129,8 @@ async def _refused(refusal: Refusal, identity: Identity, plan_code: str) -> Refu
 
     metrics.record_refusal(refusal.code)
 
-    def record() -> None:
-        close_old_connections()
-        try:
-            AccessRefusal.objects.create(external_user_id=identity.user_id, plan=plan_code, code=refusal.code)
-        finally:
-            close_old_connections()
-
-    await sync_to_async(record, thread_sensitive=False)()
+    await run_db(AccessRefusal.objects.create, external_user_id=identity.user_id, plan=plan_code,
+                 code=refusal.code)
     return refusal
 
 
@@ -160,7 +149,7 @@ async def _budget_refusal(user: LocalUser, plan: PlanPolicy) -> Refusal | None:
     for cache_key, budget, filters, whose in checks:
         cached = _budget_cache.get(cache_key)
         if cached is None or time.monotonic() - cached[0] > BUDGET_CACHE_SECONDS:
-            spent = await sync_to_async(month_spend_usd, thread_sensitive=False)(**filters)
+            spent = await run_db(month_spend_usd, **filters)
             cached = (time.monotonic(), spent)
             _budget_cache[cache_key] = cached
         if cached[1] >= budget:

@@ -1,0 +1,257 @@
+"""Shared helpers for the benches: environment, throwaway database, servers, CPU/RSS probes, statistics.
+
+Every bench runs against a throwaway SQLite file and Redis database 13 (never the dev data), starts its
+servers as subprocesses (optionally pinned with `taskset`), and writes raw results to bench/results/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+SHARED_AUDIO = ROOT.parent / "shared" / "audio"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --- environment -------------------------------------------------------------------------------------
+def bench_env(db_path: str = "/tmp/bench.sqlite3", **extra: Any) -> dict[str, str]:
+    """The environment of a gateway started for a bench (and of the bench process itself)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "intelia_voice.settings",
+            "DATABASE_URL": f"sqlite:///{db_path}",
+            "ENABLE_VOICE_REALTIME": "true",
+            "DEBUG": "false",
+            "LOG_LEVEL": "WARNING",
+            "LOG_FORMAT": "console",
+            "SENTRY_DSN": "",
+            "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+            "MAX_SESSIONS_PER_USER_PER_HOUR": "100000",
+            "MAX_SESSION_DURATION": "3600",
+            "METRICS_SPOOL_DIR": "/tmp/bench-spool",
+            "RAG_LOCAL_INDEX": "/tmp/bench-knowledge.sqlite3",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def setup_django(db_path: str = "/tmp/bench.sqlite3", **extra: Any) -> None:
+    """Configure this process like the bench servers (for tokens, access checks) and set up Django."""
+    os.environ.update(bench_env(db_path, **extra))
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+def prepare_db(db_path: str = "/tmp/bench.sqlite3", *, fresh: bool = True) -> None:
+    """Migrate a throwaway SQLite file and open the rollout to 100 % (sessions are admitted)."""
+    if fresh:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(db_path + suffix)
+    env = bench_env(db_path)
+    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+    snippet = (
+        "from voice.models import VoiceRollout;"
+        "VoiceRollout.objects.update_or_create(pk=1, defaults={'percentage': 100, 'voice_enabled': True})"
+    )
+    subprocess.run([PYTHON, "manage.py", "shell", "-c", snippet], cwd=ROOT, env=env, check=True)
+
+
+def issue_tokens(prefix: str, count: int, plan: str = "elite") -> list[str]:
+    """Access JWTs for `count` distinct users (one live session per user is allowed). Needs setup_django."""
+    from voice.services.auth import issue_access_token
+
+    return [issue_access_token(user_id=f"{prefix}-{i}", plan=plan, minutes=240) for i in range(count)]
+
+
+# --- processes -----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def pin_cmd(cmd: list[str], cpu: int | None) -> list[str]:
+    """Prefix `taskset -c CPU` (exec's the command: the pid stays the server's)."""
+    if cpu is None or shutil.which("taskset") is None or (os.cpu_count() or 1) <= cpu:
+        return cmd
+    return ["taskset", "-c", str(cpu), *cmd]
+
+
+def pin_self(cpu: int | None) -> None:
+    if cpu is not None and (os.cpu_count() or 1) > cpu:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {cpu})
+
+
+class Server:
+    """A subprocess server (gateway, relay, upstream) with CPU and RSS probes."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, *, env: dict[str, str] | None = None,
+                 cpu: int | None = None, log: Path | None = None) -> None:
+        self.name, self.port = name, port
+        self.log_path = log or Path(f"/tmp/bench-{name}-{port}.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(pin_cmd(cmd, cpu), cwd=ROOT, env=env or bench_env(),
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 30.0) -> Server:
+        try:
+            wait_port(self.port, timeout, self.proc)
+        except RuntimeError:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} did not start:\n{tail}") from None
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.pid)
+
+    def rss_mb(self) -> float:
+        return proc_rss_mb(self.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 1e6
+
+
+def cpu_busy_seconds() -> dict[int, float]:
+    """Busy time of each core since boot (user+nice+system+irq+softirq+steal), from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                v = [int(x) for x in vals]
+                out[int(name[3:])] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
+    return out
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "kernel": platform.release(), "loadavg_at_start": loadavg()}
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+def pct(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    ordered = sorted(values)
+    return {"n": len(ordered), "p50": pct(ordered, 50), "p95": pct(ordered, 95), "p99": pct(ordered, 99),
+            "max": ordered[-1] if ordered else None}
+
+
+def median(values: list[float | None]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def rnd(value: Any, digits: int = 2) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rnd(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rnd(v, digits) for v in value]
+    return value
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """bench/results/<name>-<timestamp>.json plus <name>-latest.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{name}-{stamp}.json"
+    text = json.dumps(rnd(payload, 3), indent=1, ensure_ascii=False)
+    path.write_text(text)
+    (RESULTS / f"{name}-latest.json").write_text(text)
+    return path
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
