@@ -54,6 +54,7 @@ class LiveServer:
             asyncio.set_event_loop(self.loop)
             self.loop.call_soon(self._started.set)
             self.loop.run_until_complete(self.server.serve(sockets=[sock]))
+            self.loop.run_until_complete(_cancel_leftovers())
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
@@ -85,6 +86,19 @@ class LiveServer:
             self.server.should_exit = True
             self._thread.join(20)
             self.server = None
+
+
+async def _cancel_leftovers() -> None:
+    """Like asyncio.run: cancel what is still pending (probes, readers) before the loop closes."""
+    from voice.realtime.openai_upstream import close_client_session
+    from voice.services.state import get_state
+
+    await get_state().aclose()
+    await close_client_session()
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class VoiceClient:

@@ -41,7 +41,10 @@ class RedactSecretsFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad format string must not drop the record
             message = str(record.msg)
-        cleaned = redact(message)
+        try:
+            cleaned = redact(message)
+        except Exception:  # noqa: BLE001 - interpreter shutdown: drop the record rather than risk it
+            return False
         if cleaned != message or record.args:
             record.msg, record.args = cleaned, None
         return True

@@ -45,6 +45,9 @@ class VoiceServer(uvicorn.Server):
         except TimeoutError:
             logger.error("voice drain exceeded its grace period")
         await super().shutdown(sockets)
+        from voice.realtime.openai_upstream import close_client_session
+
+        await close_client_session()
 
 
 def server_config(*, host: str, port: int, uds: str | None = None, fd: int | None = None,
