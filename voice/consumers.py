@@ -169,6 +169,10 @@ class VoiceConsumer(AsyncConsumer):
             await self._end("upstream_unavailable", "upstream_unavailable",
                             "The voice service is unavailable, please retry shortly", error=str(exc))
             return
+        except Exception as exc:
+            logger.exception("session start failed")
+            await self._end("internal_error", "internal_error", "Internal error", error=type(exc).__name__)
+            return
         self._control = asyncio.get_running_loop().create_task(self._supervise())
 
     async def session_ready(self) -> None:
