@@ -593,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         "verdicts": verdicts, "memory": memory, "resources": resources, "accounting": accounting,
         "turns": turns, "client_send_lateness_ms": lateness,
         "sessions": {"requested": args.sessions, "connected": run.connected, "connect_errors": run.connect_errors[:10],
+                     "connect_error_counts": _counts(run.connect_errors),
                      "unexpected_close_codes": run.unexpected_close, "errors": run.errors[:20],
                      "n_errors": len(run.errors), "responses": run.responses, "frames_sent": run.sent,
                      "deltas_received": run.deltas},
@@ -619,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         ["frames", f"sent {accounting['client_frames_sent']} / gateway in {accounting['gateway_frames_in']}; "
                    f"deltas out {accounting['gateway_deltas_out']} / received {accounting['client_deltas_received']}; "
                    f"shifted-audio turns {turns['turns_with_shifted_audio']}", verdicts["no_frame_lost"]],
-        ["sessions", f"{run.connected}/{args.sessions} connected, unexpected closes {run.unexpected_close or 0}",
+        ["sessions", f"{run.connected}/{args.sessions} connected, unexpected closes {run.unexpected_close or 0}"
+                     + (f", connect errors {_counts(run.connect_errors)}" if run.connect_errors else ""),
          verdicts["all_sessions_connected_and_ended_cleanly"]],
         ["late frames (> 40 ms behind schedule)",
          f"{run.late} ({_f(100 * lateness['late_share'], 3)} %), lateness p99 {_f(lateness['p99'])} ms",
@@ -633,6 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     ]))
     print(f"\nraw results: {path.relative_to(ROOT)} ({payload['elapsed_s']:.0f} s, load {loadavg()})")
     return 0
+
+
+def _counts(messages: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for message in messages:
+        out[message] = out.get(message, 0) + 1
+    return out
 
 
 def _f(value: Any, digits: int = 1) -> str:

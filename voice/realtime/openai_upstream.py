@@ -36,7 +36,10 @@ def _client_session() -> aiohttp.ClientSession:
     if session is None or session.closed:
         for stale in [other for other in _sessions if other.is_closed()]:
             del _sessions[stale]
-        session = aiohttp.ClientSession(trust_env=False)
+        # limit=0: every live voice session holds one upstream socket for its whole life; aiohttp's
+        # default pool of 100 would make the 101st session wait for a slot (found by bench/soak.py).
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                                        trust_env=False)
         _sessions[loop] = session
     return session
 
