@@ -11,6 +11,7 @@ client measures each frame's round trip. Targets, measured side by side in one r
   uvicorn         the gateway: `manage.py voice_serve --loop uvloop` (production config, websockets-sansio)
   uvicorn-asyncio the gateway: `manage.py voice_serve --loop asyncio`
   uvicorn-stock   the gateway with Channels' stock dispatch (DB-hygiene thread hop per message)
+  uvicorn-wsclient the gateway with the upstream client on `websockets` instead of aiohttp
   daphne          the gateway on daphne (the Channels runserver server; the baseline)
   uv-websockets   the gateway: uvicorn CLI, `--ws websockets --loop uvloop`
   uv-wsproto      the gateway: uvicorn CLI, `--ws wsproto --loop uvloop` (needs wsproto importable)
@@ -70,7 +71,8 @@ FRAME_MS = 40
 FRAME_BYTES = 1920  # 40 ms of 24 kHz pcm16
 PASS_ADDED_P99_MS = 20.0
 NOISY_FOREIGN_UTIL = 0.10  # a run is flagged noisy when other processes used >10 % of one of our cores
-GATEWAY_TARGETS = ("uvicorn", "uvicorn-asyncio", "uvicorn-stock", "daphne", "uv-websockets", "uv-wsproto")
+GATEWAY_TARGETS = ("uvicorn", "uvicorn-asyncio", "uvicorn-stock", "uvicorn-wsclient", "daphne", "uv-websockets",
+                   "uv-wsproto")
 ALL_TARGETS = ("direct", "bare", *GATEWAY_TARGETS)
 EXTRA_PYLIB = os.environ.get("BENCH_EXTRA_PYLIB", "/tmp/bench-pylib")  # wsproto lives here if installed
 
@@ -343,8 +345,9 @@ def _server_cmd(target: str, port: int) -> tuple[list[str], dict[str, str]]:
     elif target == "daphne":
         cmd = [str(ROOT / ".venv" / "bin" / "daphne"), "-b", "127.0.0.1", "-p", str(port), "-v", "0",
                "intelia_voice.asgi:application"]
-    elif target == "uvicorn-stock":  # Channels' own dispatch: a DB-hygiene thread hop per message
-        cmd = [PYTHON, "-m", "uvicorn", "bench.stock_dispatch_asgi:application", "--host", "127.0.0.1",
+    elif target in ("uvicorn-stock", "uvicorn-wsclient"):  # stock dispatch / `websockets` upstream client
+        app = {"uvicorn-stock": "bench.stock_dispatch_asgi", "uvicorn-wsclient": "bench.websockets_client_asgi"}
+        cmd = [PYTHON, "-m", "uvicorn", f"{app[target]}:application", "--host", "127.0.0.1",
                "--port", str(port), "--ws", "websockets-sansio", "--loop", "uvloop", "--ws-per-message-deflate",
                "false", "--ws-max-size", "1048576", "--lifespan", "off", "--no-access-log", "--log-level",
                "warning", "--http", "h11"]

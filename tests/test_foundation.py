@@ -174,3 +174,28 @@ async def test_health_disabled_and_secrets_masked(settings) -> None:
     assert body["openai_configured"] is True
     assert body["redis"]["redis_url"] == "redis://:***@127.0.0.1:1/0"
     assert "topsecret" not in response.content.decode() and "sk-live" not in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_profile_lookup_matches_the_orm() -> None:
+    """The access decision's precompiled lookup returns exactly what the ORM would."""
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from voice.models import VoiceProfile
+    from voice.services.users import _PROFILE_FIELDS, _profile_row, user_for_identity
+
+    user = user_for_identity(external_id="lookup-user", email="a@example.com")
+    VoiceProfile.objects.filter(user_id=user.pk).update(
+        plan=PlanAccess.objects.get(code="intelia"), monthly_budget_usd=Decimal("12.50"),
+        last_seen_at=timezone.now())
+    orm = VoiceProfile.objects.filter(external_id="lookup-user").values(*_PROFILE_FIELDS).first()
+    raw = _profile_row("lookup-user")
+    assert raw["last_seen_at"] == orm["last_seen_at"]
+    assert Decimal(str(raw["monthly_budget_usd"])) == orm["monthly_budget_usd"]
+    assert {k: v for k, v in raw.items() if k not in ("last_seen_at", "monthly_budget_usd")} == {
+        k: v for k, v in orm.items() if k not in ("last_seen_at", "monthly_budget_usd")}
+    again = user_for_identity(external_id="lookup-user")
+    assert (again.plan_code, again.monthly_budget_usd, again.is_staff) == ("intelia", 12.5, False)
+    assert _profile_row("nobody") is None

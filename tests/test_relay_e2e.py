@@ -160,8 +160,9 @@ async def test_timeout_warning_then_4408(live_db, settings, token_for) -> None:
         warning = await client.wait_for("gateway.session.expiring", timeout=5)
         assert 0 < warning["seconds_left"] <= 2
         error = await client.wait_for("gateway.error", timeout=5)
-        assert error["code"] == "session_timeout"
+        assert error["code"] == "session_timeout" and error["message"] == "Session timeout (3 s max)"
         assert await client.wait_closed() == 4408
+        assert client.ws.close_reason == "Session timeout (3 s max)"  # best-effort; the event is the contract
         row = await _row(client.seen("gateway.session.ready")[0]["session_id"])
         assert row.end_reason == "timeout" and row.close_code == 4408
     finally:

@@ -289,8 +289,9 @@ class VoiceConsumer(AsyncConsumer):
                     return
                 left = self.deadline - now
                 if left <= 0:
-                    minutes = int(self.meta.max_duration_s // 60)
-                    await self._end("timeout", "session_timeout", f"Session timeout ({minutes} min max)")
+                    limit = int(self.meta.max_duration_s)
+                    label = f"{limit // 60} min" if limit % 60 == 0 else f"{limit} s"
+                    await self._end("timeout", "session_timeout", f"Session timeout ({label} max)")
                     return
                 if left <= settings.SESSION_WARNING_SECONDS and not self.warned:
                     self.warned = True
@@ -351,7 +352,8 @@ class VoiceConsumer(AsyncConsumer):
     # --- ending ----------------------------------------------------------------------------------------
     async def _refuse(self, refusal: Refusal) -> None:
         await self._send_event(refusal.event())
-        await self.base_send({"type": "websocket.close", "code": refusal.close_code})
+        # The reason is best-effort (some servers drop it); the gateway.error event is the contract.
+        await self.base_send({"type": "websocket.close", "code": refusal.close_code, "reason": refusal.message[:120]})
         self._ended = True
 
     async def _end(
@@ -364,7 +366,7 @@ class VoiceConsumer(AsyncConsumer):
             await self._send_event({"type": "gateway.error", "code": error_code, "message": message})
         self._ended = True
         with contextlib.suppress(Exception):
-            await self.base_send({"type": "websocket.close", "code": code})
+            await self.base_send({"type": "websocket.close", "code": code, "reason": message[:120]})
         await self._finish(reason, code, error)
 
     def _used_seconds(self) -> float:

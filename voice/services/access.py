@@ -15,6 +15,7 @@ Only a session that actually starts is counted in the hourly window (`access_cou
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -100,23 +101,29 @@ async def access_decide(
     if budget_refusal is not None:
         return await _refused(budget_refusal, identity, plan_code)
 
+    # The rate-limit check and the slot are independent Redis round trips: run them together. The
+    # decision order is unchanged; a slot taken by a rate-limited connection is handed back.
     state = get_state()
-    if not resuming:
-        allowed, retry_after = await state.rate_check(rate_item(plan), rate_key(identity.user_id))
-        if not allowed:
-            message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
-            return await _refused(Refusal("rate_limited", 4429, message, retry_after), identity, plan_code)
-
-    acquired = await state.slot_acquire(
-        concurrency_key(identity.user_id),
-        session_id,
-        limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
-        ttl=CONCURRENT_SLOT_TTL,
+    slot_key = concurrency_key(identity.user_id)
+    rate = state.rate_check(rate_item(plan), rate_key(identity.user_id)) if not resuming else _allowed()
+    (allowed, retry_after), acquired = await asyncio.gather(
+        rate,
+        state.slot_acquire(slot_key, session_id, limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
+                           ttl=CONCURRENT_SLOT_TTL),
     )
+    if not allowed:
+        if acquired:
+            await state.slot_release(slot_key, session_id)
+        message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
+        return await _refused(Refusal("rate_limited", 4429, message, retry_after), identity, plan_code)
     if not acquired:
         message = "You already have a voice session open; close it first"
         return await _refused(Refusal("concurrent_session", 4409, message), identity, plan_code)
     return Admission(user=user, plan=plan, cohort=cohort)
+
+
+async def _allowed() -> tuple[bool, int]:
+    return True, 0
 
 
 async def access_count_session_start(*, identity: Identity, plan: PlanPolicy) -> None:

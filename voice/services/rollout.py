@@ -15,10 +15,8 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.contenttypes.models import ContentType
-from django.db import close_old_connections
 
 from voice.models import BetaUser, Cohort, VoiceRollout
 
@@ -61,20 +59,14 @@ def rollout_read() -> RolloutSnapshot:
 _cache: RolloutSnapshot | None = None
 
 
-def _read_fresh_connection() -> RolloutSnapshot:
-    close_old_connections()
-    try:
-        return rollout_read()
-    finally:
-        close_old_connections()
-
-
 async def rollout_snapshot() -> RolloutSnapshot:
     """The rollout as seen by this process, at most CACHE_SECONDS old (called per connection/tick)."""
     global _cache
     snapshot = _cache
     if snapshot is None or time.monotonic() - snapshot.read_at > CACHE_SECONDS:
-        snapshot = await sync_to_async(_read_fresh_connection, thread_sensitive=False)()
+        from voice.services.db import run_db
+
+        snapshot = await run_db(rollout_read)
         _cache = snapshot
     return snapshot
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from voice.models import PlanAccess, VoiceProfile
 
@@ -35,27 +40,63 @@ class LocalUser:
     monthly_budget_usd: float | None
 
 
+_PROFILE_FIELDS = ("pk", "user_id", "email", "last_seen_at", "monthly_budget_usd", "plan__code", "user__is_staff")
+_PLACEHOLDER = "\x00external-id\x00"
+
+
+@functools.cache
+def _profile_lookup_sql(alias: str) -> str:
+    """The profile lookup's SQL, compiled once per database by the ORM itself (building the query costs
+    ~0.4 ms per call, executing it ~0.02 ms; this lookup runs on every connection)."""
+    query = VoiceProfile.objects.using(alias).filter(external_id=_PLACEHOLDER).values(*_PROFILE_FIELDS)[:1].query
+    sql, params = query.get_compiler(alias).as_sql()
+    assert list(params) == [_PLACEHOLDER], params
+    return sql
+
+
+def _profile_row(external_id: str) -> dict[str, Any] | None:
+    connection = connections[DEFAULT_DB_ALIAS]
+    with connection.cursor() as cursor:
+        cursor.execute(_profile_lookup_sql(DEFAULT_DB_ALIAS), [external_id])
+        values = cursor.fetchone()
+    if values is None:
+        return None
+    row = dict(zip(_PROFILE_FIELDS, values, strict=True))
+    # A raw cursor skips the ORM's converters: SQLite hands back text and numbers.
+    if isinstance(row["last_seen_at"], str):
+        row["last_seen_at"] = parse_datetime(row["last_seen_at"])
+    if row["last_seen_at"] is not None and timezone.is_naive(row["last_seen_at"]):
+        row["last_seen_at"] = timezone.make_aware(row["last_seen_at"], UTC)
+    row["user__is_staff"] = bool(row["user__is_staff"])
+    return row
+
+
 def user_for_identity(*, external_id: str, email: str = "") -> LocalUser:
-    """Find or create the local user and voice profile for a JWT `user_id` (sync; ORM)."""
-    User = get_user_model()
-    profile = VoiceProfile.objects.select_related("user", "plan").filter(external_id=external_id).first()
-    if profile is None:
-        user, _ = User.objects.get_or_create(username=external_id[:150], defaults={"email": email})
-        profile, _ = VoiceProfile.objects.get_or_create(user=user, defaults={"external_id": external_id})
+    """Find or create the local user and voice profile for a JWT `user_id` (sync; ORM).
+
+    Called on every connection (the access decision's only database read): one precompiled query, and a
+    write only when something changed or every 5 minutes (`last_seen_at`).
+    """
+    row = _profile_row(external_id)
+    if row is None:
+        user, _ = get_user_model().objects.get_or_create(username=external_id[:150], defaults={"email": email})
+        VoiceProfile.objects.get_or_create(user=user, defaults={"external_id": external_id})
+        row = _profile_row(external_id)
+        assert row is not None
     now = timezone.now()
     updates = {}
-    if email and profile.email != email:
+    if email and row["email"] != email:
         updates["email"] = email
-    if profile.last_seen_at is None or (now - profile.last_seen_at).total_seconds() > 300:
+    if row["last_seen_at"] is None or (now - row["last_seen_at"]).total_seconds() > 300:
         updates["last_seen_at"] = now  # coarse: no write on every connection
     if updates:
-        VoiceProfile.objects.filter(pk=profile.pk).update(**updates)
-    budget = profile.monthly_budget_usd
+        VoiceProfile.objects.filter(pk=row["pk"]).update(**updates)
+    budget = row["monthly_budget_usd"]
     return LocalUser(
-        pk=profile.user_id,
-        external_id=profile.external_id,
-        is_staff=profile.user.is_staff,
-        plan_code=profile.plan.code if profile.plan else None,
+        pk=row["user_id"],
+        external_id=external_id,
+        is_staff=row["user__is_staff"],
+        plan_code=row["plan__code"],
         monthly_budget_usd=float(budget) if budget is not None else None,
     )
 
