@@ -44,6 +44,7 @@ from bench.common import (
     ROOT,
     Server,
     bench_env,
+    fmt,
     free_port,
     issue_tokens,
     loadavg,
@@ -351,18 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["check", "figures", "verdict"], [
         [f"relay: {relay['sessions']} sessions round-robin over A/B, {relay['duration_s']:.0f} s",
          f"A {a['connected']}/{a['sessions']} connected, {a['frames_measured']} frames, {a['dropped']} dropped, "
-         f"{a['reordered']} reordered, rtt p50/p99 {_f(a['rtt_ms']['p50'])}/{_f(a['rtt_ms']['p99'])} ms; "
+         f"{a['reordered']} reordered, rtt p50/p99 {fmt(a['rtt_ms']['p50'])}/{fmt(a['rtt_ms']['p99'])} ms; "
          f"B {b['connected']}/{b['sessions']}, {b['frames_measured']} frames, {b['dropped']} dropped, "
-         f"{b['reordered']} reordered, rtt p50/p99 {_f(b['rtt_ms']['p50'])}/{_f(b['rtt_ms']['p99'])} ms",
+         f"{b['reordered']} reordered, rtt p50/p99 {fmt(b['rtt_ms']['p50'])}/{fmt(b['rtt_ms']['p99'])} ms",
          relay["verdict"]],
         [f"rate limit {RATE_LIMIT}/h across A/B",
          ", ".join(f"#{x['n']}{x['instance']} {x['outcome']}"
                    + (f" {x.get('code')} {x.get('close_code')}" if x["outcome"] != "admitted" else "")
                    for x in rl["attempts"]), rl["verdict"]],
         [f"kill switch: {ks['sessions']} live sessions",
-         f"last close {_f(ks['last_close_after_flip_s'], 3)} s after the row flip "
-         f"(A {_f(ks['per_instance']['A']['last_close_s'], 3)}, "
-         f"B {_f(ks['per_instance']['B']['last_close_s'], 3)}); codes A {ks['per_instance']['A']['close_codes']} "
+         f"last close {fmt(ks['last_close_after_flip_s'], 3)} s after the row flip "
+         f"(A {fmt(ks['per_instance']['A']['last_close_s'], 3)}, "
+         f"B {fmt(ks['per_instance']['B']['last_close_s'], 3)}); codes A {ks['per_instance']['A']['close_codes']} "
          f"B {ks['per_instance']['B']['close_codes']}; while disabled: "
          + "/".join(str(r.get("close_code")) for r in ks["while_disabled_new_connections"])
          + "; after --enable: " + "/".join(r["outcome"] for r in ks["after_enable_new_connections"]),
@@ -370,10 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     ]))
     print(f"\nraw results: {path.relative_to(ROOT)} ({payload['elapsed_s']:.0f} s, load {loadavg()})")
     return 0
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    return "—" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
 
 if __name__ == "__main__":

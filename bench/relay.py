@@ -52,6 +52,7 @@ from bench.common import (
     Server,
     bench_env,
     cpu_busy_seconds,
+    fmt,
     free_port,
     issue_tokens,
     loadavg,
@@ -589,13 +590,13 @@ def main(argv: list[str] | None = None) -> int:
                         run["repeat"] = rep
                         runs.append(run)
                         print(f"rep {rep} N={n:4d} {target:16s} rtt p50/p99 "
-                              f"{_f(run.get('rtt_ms', {}).get('p50'))}/{_f(run.get('rtt_ms', {}).get('p99'))} ms "
-                              f"added p99 {_f(run['added_ms'].get('p99'))} ms dropped {run.get('dropped')} "
+                              f"{fmt(run.get('rtt_ms', {}).get('p50'))}/{fmt(run.get('rtt_ms', {}).get('p99'))} ms "
+                              f"added p99 {fmt(run['added_ms'].get('p99'))} ms dropped {run.get('dropped')} "
                               f"reordered {run.get('reordered')} connected {run.get('connected')}/{n} "
-                              f"cpu {_f(run.get('server_cpu_util'), 2)} "
-                              f"foreign {_f(run.get('foreign_util_server_core'), 2)}"
-                              f"/{_f(run.get('foreign_util_client_core'), 2)} lateness p99 "
-                              f"{_f(run.get('client_send_lateness_ms', {}).get('p99'))} "
+                              f"cpu {fmt(run.get('server_cpu_util'), 2)} "
+                              f"foreign {fmt(run.get('foreign_util_server_core'), 2)}"
+                              f"/{fmt(run.get('foreign_util_client_core'), 2)} lateness p99 "
+                              f"{fmt(run.get('client_send_lateness_ms', {}).get('p99'))} "
                               f"load {run.get('loadavg_before')}"
                               + (f" ERROR {run['error']}" if run.get("error") else ""), flush=True)
                         if args.ramp and target != "direct":
@@ -631,10 +632,10 @@ def main(argv: list[str] | None = None) -> int:
          "reordered", "CPU s / session-min", "core util", "MB / session", "client lateness p99",
          "foreign util srv/cli core", "noisy runs", "added p99 (clean runs)"],
         [[r["target"], r["sessions"], r["runs"], r["added_p50"], r["added_p95"], r["added_p99"],
-          "/".join(_f(x) for x in r["added_p99_runs"]), r["dropped"], r["reordered"],
-          _f(r["cpu_s_per_session_min"], 3), _f(r["server_cpu_util"], 2), _f(r["rss_mb_per_session"], 3),
+          "/".join(fmt(x) for x in r["added_p99_runs"]), r["dropped"], r["reordered"],
+          fmt(r["cpu_s_per_session_min"], 3), fmt(r["server_cpu_util"], 2), fmt(r["rss_mb_per_session"], 3),
           r["client_lateness_p99"],
-          f"{_f(r['foreign_util_server_core'], 2)}/{_f(r['foreign_util_client_core'], 2)}",
+          f"{fmt(r['foreign_util_server_core'], 2)}/{fmt(r['foreign_util_client_core'], 2)}",
           f"{r['noisy_runs']}/{r['runs']}", r["added_p99_clean_runs"]] for r in rows],
     ))
     if capacity:
@@ -642,10 +643,6 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v}" for k, v in capacity.items()))
     print(f"\nraw results: {path.relative_to(ROOT)}  ({payload['elapsed_s']:.0f} s, load {loadavg()})")
     return 0
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    return "—" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
 
 if __name__ == "__main__":

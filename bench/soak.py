@@ -67,6 +67,7 @@ from bench.common import (
     SHARED_AUDIO,
     Server,
     bench_env,
+    fmt,
     free_port,
     issue_tokens,
     loadavg,
@@ -613,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     m = memory
     print(table(["check", "figures", "verdict"], [
         ["memory growth after warm-up (< 5 %)",
-         f"{_f(m.get('rss_at_warmup_end_mb'))} -> {_f(m.get('rss_at_end_mb'))} MB "
-         f"({_f(100 * m['growth'] if 'growth' in m else None, 2)} %, slope {_f(m.get('slope_mb_per_min'), 2)} MB/min)",
+         f"{fmt(m.get('rss_at_warmup_end_mb'))} -> {fmt(m.get('rss_at_end_mb'))} MB "
+         f"({fmt(100 * m['growth'] if 'growth' in m else None, 2)} %, "
+         f"slope {fmt(m.get('slope_mb_per_min'), 2)} MB/min)",
          verdicts["memory_growth_after_warmup_lt_5pct"]],
         ["resources back to baseline", "see table above", verdicts["resources_back_to_baseline"]],
         ["frames", f"sent {accounting['client_frames_sent']} / gateway in {accounting['gateway_frames_in']}; "
@@ -624,14 +626,14 @@ def main(argv: list[str] | None = None) -> int:
                      + (f", connect errors {_counts(run.connect_errors)}" if run.connect_errors else ""),
          verdicts["all_sessions_connected_and_ended_cleanly"]],
         ["late frames (> 40 ms behind schedule)",
-         f"{run.late} ({_f(100 * lateness['late_share'], 3)} %), lateness p99 {_f(lateness['p99'])} ms",
+         f"{run.late} ({fmt(100 * lateness['late_share'], 3)} %), lateness p99 {fmt(lateness['p99'])} ms",
          verdicts["late_frames_lt_0.1pct"]],
         ["turns", f"{turns['turns']} turns, {turns['answered']} answered, {turns['rag_injected']} with RAG context",
          "info"],
-        ["frame round trip (speech_stopped)", f"p50 {_f(turns['frame_rtt_ms']['p50'])} / p99 "
-                                              f"{_f(turns['frame_rtt_ms']['p99'])} ms", "info"],
-        ["TTFA (speech_stopped -> first audio)", f"p50 {_f(turns['ttfa_ms']['p50'])} / p99 "
-                                                 f"{_f(turns['ttfa_ms']['p99'])} ms", "info"],
+        ["frame round trip (speech_stopped)", f"p50 {fmt(turns['frame_rtt_ms']['p50'])} / p99 "
+                                              f"{fmt(turns['frame_rtt_ms']['p99'])} ms", "info"],
+        ["TTFA (speech_stopped -> first audio)", f"p50 {fmt(turns['ttfa_ms']['p50'])} / p99 "
+                                                 f"{fmt(turns['ttfa_ms']['p99'])} ms", "info"],
     ]))
     print(f"\nraw results: {path.relative_to(ROOT)} ({payload['elapsed_s']:.0f} s, load {loadavg()})")
     return 0
@@ -642,10 +644,6 @@ def _counts(messages: list[str]) -> dict[str, int]:
     for message in messages:
         out[message] = out.get(message, 0) + 1
     return out
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    return "—" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,21 @@ def gateway(live_db):
 
 
 @pytest.fixture
+def sent(monkeypatch):
+    """Records broadcast_terminate calls (admin, commands, rollout) instead of using the channel layer."""
+    calls: list[dict] = []
+
+    def fake(*, code: str, session_id: str | None = None) -> bool:
+        calls.append({"code": code, "session_id": session_id})
+        return True
+
+    for target in ("voice.services.rollout.broadcast_terminate", "voice.admin.broadcast_terminate",
+                   "voice.management.commands.voice_sessions.broadcast_terminate"):
+        monkeypatch.setattr(target, fake)
+    return calls
+
+
+@pytest.fixture
 def token_for():
     from voice.services.auth import issue_access_token
 

@@ -17,18 +17,6 @@ from voice.services.users import plan_policies
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def sent(monkeypatch):
-    """Records broadcast_terminate calls instead of using the channel layer."""
-    calls: list[dict] = []
-
-    def fake(*, code: str, session_id: str | None = None) -> bool:
-        calls.append({"code": code, "session_id": session_id})
-        return True
-
-    monkeypatch.setattr("voice.services.rollout.broadcast_terminate", fake)
-    monkeypatch.setattr("voice.admin.broadcast_terminate", fake)
-    return calls
 
 
 def test_plan_list_has_spend_and_editable_columns(admin_client):

@@ -34,17 +34,6 @@ def run(*args: str) -> str:
     return out.getvalue()
 
 
-@pytest.fixture
-def sent(monkeypatch):
-    calls: list[dict] = []
-
-    def fake(*, code: str, session_id: str | None = None) -> bool:
-        calls.append({"code": code, "session_id": session_id})
-        return True
-
-    monkeypatch.setattr("voice.services.rollout.broadcast_terminate", fake)
-    monkeypatch.setattr("voice.management.commands.voice_sessions.broadcast_terminate", fake)
-    return calls
 
 
 # --- voice_token ----------------------------------------------------------------------------------
