@@ -199,3 +199,15 @@ def test_profile_lookup_matches_the_orm() -> None:
     again = user_for_identity(external_id="lookup-user")
     assert (again.plan_code, again.monthly_budget_usd, again.is_staff) == ("intelia", 12.5, False)
     assert _profile_row("nobody") is None
+
+
+@pytest.mark.django_db
+def test_first_connection_creates_user_and_profile_from_claims() -> None:
+    from voice.models import VoiceProfile
+    from voice.services.users import user_for_identity
+
+    user = user_for_identity(external_id="jwt-42", email="eleveur@example.fr", plan="elite")
+    profile = VoiceProfile.objects.select_related("user", "plan").get(external_id="jwt-42")
+    assert profile.user.username == "jwt-42" and profile.user_id == user.pk
+    assert profile.email == "eleveur@example.fr" and profile.plan.code == "elite"
+    assert user.plan_code == "elite"

@@ -61,7 +61,7 @@ FEATURE_DISABLED = Refusal("feature_disabled", 4503, "Voice is temporarily unava
 
 
 def _resolve_identity(identity: Identity) -> tuple[LocalUser, dict[str, PlanPolicy]]:
-    return user_for_identity(external_id=identity.user_id, email=identity.email), plan_policies()
+    return user_for_identity(external_id=identity.user_id, email=identity.email, plan=identity.plan), plan_policies()
 
 
 def rate_item(plan: PlanPolicy) -> RateLimitItemPerHour:

@@ -71,7 +71,7 @@ def _profile_row(external_id: str) -> dict[str, Any] | None:
     return row
 
 
-def user_for_identity(*, external_id: str, email: str = "") -> LocalUser:
+def user_for_identity(*, external_id: str, email: str = "", plan: str | None = None) -> LocalUser:
     """Find or create the local user and voice profile for a JWT `user_id` (sync; ORM).
 
     Called on every connection (the access decision's only database read): one precompiled query, and a
@@ -80,7 +80,11 @@ def user_for_identity(*, external_id: str, email: str = "") -> LocalUser:
     row = _profile_row(external_id)
     if row is None:
         user, _ = get_user_model().objects.get_or_create(username=external_id[:150], defaults={"email": email})
-        VoiceProfile.objects.get_or_create(user=user, defaults={"external_id": external_id})
+        # The plan claim seeds the profile, so the admin sees it; later tokens without a claim use it.
+        plan_row = PlanAccess.objects.filter(code=plan).first() if plan else None
+        VoiceProfile.objects.get_or_create(
+            user=user, defaults={"external_id": external_id, "email": email, "plan": plan_row}
+        )
         row = _profile_row(external_id)
         assert row is not None
     now = timezone.now()
