@@ -5,14 +5,14 @@ it relays client frames to the upstream and upstream events to the client, owns 
 upstream's VAD ends a turn, the gateway injects retrieved context and then asks for the response), tracks
 the active response and the audio actually sent so barge-in truncation is always valid, counts everything
 for metrics, and recycles the upstream before OpenAI's 60-minute cap. It knows nothing about Django
-Channels: the consumer adapts it to a WebSocket.
+Channels: the consumer adapts it to a WebSocket. Its upstream-event handlers live in
+voice/realtime/upstream_events.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -25,21 +25,11 @@ from django.conf import settings
 from voice import metrics
 from voice.realtime.accounting import SessionStats, TurnStats
 from voice.realtime.client_events import ClientEvent, dump_event
-from voice.realtime.session_config import session_update_event, strip_private_session_fields
 from voice.realtime.upstream import Upstream, UpstreamClosed, UpstreamConnectError
+from voice.realtime.upstream_events import CONTEXT_ITEM_PREFIX, GATEWAY_EVENT_PREFIX, UpstreamEventHandlers
 
 logger = logging.getLogger(__name__)
 
-FATAL_ERROR_CODES = frozenset(
-    {"invalid_api_key", "insufficient_quota", "account_deactivated", "billing_hard_limit_reached",
-     "beta_api_shape_disabled"}
-)
-GATEWAY_EVENT_PREFIX = "gw_"  # event ids of what the gateway sends itself: their errors stay internal
-CONTEXT_ITEM_PREFIX = "ctx_"  # items the gateway injects (context, history): hidden from the client
-_DELTA_TYPES = frozenset(
-    {"response.output_audio.delta", "response.output_audio_transcript.delta", "response.output_text.delta"}
-)
-_HISTORY_CHARS = 6000
 
 
 class SessionListener(Protocol):
@@ -52,7 +42,7 @@ def _gateway_event_id() -> str:
     return GATEWAY_EVENT_PREFIX + uuid.uuid4().hex[:16]
 
 
-class GatewaySession:
+class GatewaySession(UpstreamEventHandlers):
     """A browser conversation relayed to one upstream realtime session at a time."""
 
     def __init__(
@@ -317,215 +307,6 @@ class GatewaySession:
              "injected": injected}
         )
 
-    # --- upstream → client -----------------------------------------------------------------------------
-    async def _read_loop(self, upstream: Upstream) -> None:
-        try:
-            while True:
-                text = await upstream.recv()
-                self.last_upstream_event = time.monotonic()
-                await self._on_upstream_text(text)
-        except UpstreamClosed as exc:
-            if upstream is self.upstream and not self.closing and upstream is not self._retiring:
-                logger.warning("upstream closed (code %s)", exc.code)
-                await self.listener.session_failed(
-                    "upstream_unavailable", "upstream_unavailable", "The voice service connection was lost"
-                )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("upstream reader crashed")
-            if not self.closing:
-                await self.listener.session_failed("internal_error", "internal_error", "Internal error")
-
-    async def _on_upstream_text(self, text: str) -> None:
-        try:
-            event = json.loads(text)
-            kind = event["type"]
-        except (ValueError, KeyError, TypeError):
-            logger.warning("malformed upstream event dropped")
-            metrics.UPSTREAM_ERRORS.labels(code="malformed_event").inc()
-            return
-        if kind in _DELTA_TYPES and event.get("response_id") in self.cancelled_responses:
-            return  # late deltas of a cancelled response must not be played
-        handler = _UPSTREAM_HANDLERS.get(kind)
-        if handler is not None:
-            forward = await handler(self, event)
-            if forward is False:
-                return
-            if isinstance(forward, dict):
-                text = dump_event(forward)
-        if kind == "response.output_audio.delta":
-            self.stats.frames_out += 1
-            self.stats.bytes_out += len(text)
-        await self.send_client(text)
-
-    async def _on_session_created(self, event: dict[str, Any]) -> dict[str, Any]:
-        await self._send_upstream(session_update_event())
-        return strip_private_session_fields(event)
-
-    async def _on_session_updated(self, event: dict[str, Any]) -> dict[str, Any] | bool:
-        first = not self.configured
-        self.configured = True
-        if first:
-            if self.history:
-                await self._replay_history()
-            queued, self._queue, self._queued_bytes = self._queue, [], 0
-            for text in queued:
-                await self._forward(text)
-            if not self._ready_announced:
-                self._ready_announced = True
-                await self.listener.session_ready()
-            else:
-                return False  # a recycled upstream: the client already has its session
-        return strip_private_session_fields(event)
-
-    async def _replay_history(self) -> None:
-        lines = []
-        for entry in self.history:
-            if entry.get("user"):
-                lines.append(f"User: {entry['user']}")
-            if entry.get("assistant"):
-                lines.append(f"Assistant: {entry['assistant']}")
-        transcript = "\n".join(lines)[-_HISTORY_CHARS:]
-        if not transcript:
-            return
-        await self._send_upstream(
-            {"type": "conversation.item.create",
-             "item": {"id": CONTEXT_ITEM_PREFIX + "history_" + uuid.uuid4().hex[:12], "type": "message",
-                      "role": "system",
-                      "content": [{"type": "input_text",
-                                   "text": "Conversation so far (continue it naturally):\n" + transcript}]}}
-        )
-
-    async def _on_speech_started(self, event: dict[str, Any]) -> None:
-        if self.active_response_id is not None:
-            # interrupt_response: the upstream cancels the answer; its late deltas must not play.
-            self.cancelled_responses.add(self.active_response_id)
-            if self.answering is not None and not self.answering.interrupted:
-                self.answering.interrupted = True
-                self.stats.interruptions += 1
-        self.turn = self._new_turn()
-        self.turn.speech_start_mono = time.monotonic()
-        self.turn_audio_start = event.get("audio_start_ms")
-        if self.prefetcher is not None:
-            self.prefetcher.on_speech_started()
-        if self.early is not None:
-            self.early.speech_started()
-
-    async def _on_speech_stopped(self, event: dict[str, Any]) -> None:
-        if self.early is not None:
-            await self.early.speech_stopped()
-        turn = self.turn
-        if turn is not None:
-            turn.speech_end_mono = time.monotonic()
-            start, end = self.turn_audio_start, event.get("audio_end_ms")
-            if isinstance(start, int) and isinstance(end, int):
-                turn.speech_ms = max(0, end - start)
-
-    async def _on_committed(self, event: dict[str, Any]) -> None:
-        self.user_item_id = event.get("item_id")
-        self._spawn(self._answer_turn(self.user_item_id))
-
-    async def _on_transcript_delta(self, event: dict[str, Any]) -> None:
-        item_id = event.get("item_id") or ""
-        text = self.partial_transcripts.get(item_id, "") + str(event.get("delta") or "")
-        self.partial_transcripts[item_id] = text
-        if self.prefetcher is not None:
-            self.prefetcher.on_partial_transcript(text)
-
-    async def _on_transcript_completed(self, event: dict[str, Any]) -> None:
-        text = str(event.get("transcript") or "")
-        self.partial_transcripts.pop(event.get("item_id") or "", None)
-        if self.turn is not None and not self.turn.user_text:
-            self.turn.user_text = text
-        if self.prefetcher is not None:
-            self.prefetcher.on_final_transcript(text)
-
-    async def _on_response_created(self, event: dict[str, Any]) -> None:
-        response = event.get("response") or {}
-        self.response_requested = False
-        self.active_response_id = response.get("id")
-        self._idle.clear()
-
-    async def _on_audio_delta(self, event: dict[str, Any]) -> None:
-        item_id = event.get("item_id") or ""
-        delta = event.get("delta") or ""
-        size = len(delta) * 3 // 4 - (2 if delta.endswith("==") else 1 if delta.endswith("=") else 0)
-        if item_id not in self.assistant_audio:
-            self.assistant_audio[item_id] = 0
-            if len(self.assistant_audio) > 16:
-                self.assistant_audio.popitem(last=False)
-            if self.answering is not None:
-                self.item_turn[item_id] = self.answering
-        self.assistant_audio[item_id] += size
-        turn = self.answering
-        if turn is not None and turn.first_audio_ms is None and turn.speech_end_mono is not None:
-            turn.first_audio_ms = (time.monotonic() - turn.speech_end_mono) * 1000
-            metrics.FIRST_AUDIO.observe(turn.first_audio_ms / 1000)
-
-    async def _on_assistant_transcript_done(self, event: dict[str, Any]) -> None:
-        if self.answering is not None:
-            self.answering.assistant_text = str(event.get("transcript") or "")
-
-    async def _on_response_done(self, event: dict[str, Any]) -> bool | None:
-        response = event.get("response") or {}
-        response_id = response.get("id")
-        status = response.get("status") or ""
-        self.active_response_id = None
-        self.response_requested = False
-        self._idle.set()
-        input_tokens, output_tokens, cost = self.stats.add_usage(response.get("usage"), self.model)
-        turn = self.answering
-        if turn is not None:
-            turn.input_tokens += input_tokens
-            turn.output_tokens += output_tokens
-            turn.cost_usd += cost
-            turn.response_status = status
-            if status == "cancelled":
-                turn.interrupted = True
-            self.history.append({"user": turn.user_text, "assistant": turn.assistant_text})
-            del self.history[:-20]
-            await self.listener.turn_completed(turn)
-        if status == "failed":
-            details = response.get("status_details") or {}
-            code = str(((details.get("error") or {}).get("code")) or "response_failed")[:48]
-            metrics.UPSTREAM_ERRORS.labels(code=code).inc()
-            if code in FATAL_ERROR_CODES:
-                logger.error("upstream fatal error in a failed response: %s", code)
-                await self.send_client(dump_event(event))
-                await self.listener.session_failed(
-                    "upstream_error", "upstream_error", "The voice service rejected the session"
-                )
-                return False
-        if response_id in self.cancelled_responses and len(self.cancelled_responses) > 32:
-            self.cancelled_responses.clear()
-
-    async def _on_item_event(self, event: dict[str, Any]) -> bool:
-        item = event.get("item") or {}
-        item_id = item.get("id") or event.get("item_id") or ""
-        return not str(item_id).startswith(CONTEXT_ITEM_PREFIX)
-
-    async def _on_error(self, event: dict[str, Any]) -> bool:
-        error = event.get("error") or {}
-        code = str(error.get("code") or error.get("type") or "unknown")[:48]
-        metrics.UPSTREAM_ERRORS.labels(code=code).inc()
-        if code in FATAL_ERROR_CODES:
-            logger.error("upstream fatal error: %s", code)
-            await self.send_client(dump_event(event))
-            await self.listener.session_failed("upstream_error", "upstream_error",
-                                               "The voice service rejected the session")
-            return False
-        if code == "session_expired":
-            # OpenAI's 60-minute cap: the close that follows is expected; a fresh upstream takes over.
-            self._retiring = self.upstream
-            self._spawn(self.recycle())
-            return False
-        ours = str(error.get("event_id") or "").startswith(GATEWAY_EVENT_PREFIX)
-        if code == "conversation_already_has_active_response":
-            self.response_requested = False
-        logger.info("upstream error %s%s", code, " (gateway event)" if ours else "")
-        return not ours  # errors caused by the gateway's own events are handled here, not shown
-
     # --- recycle and supervision ---------------------------------------------------------------------
     async def recycle(self) -> None:
         """Called before the upstream's session cap (or on session_expired): swap in a fresh upstream."""
@@ -568,22 +349,4 @@ _CLIENT_HANDLERS: dict[str, Callable[[GatewaySession, ClientEvent], Awaitable[No
     "response.create": GatewaySession._client_response_create,
     "response.cancel": GatewaySession._client_response_cancel,
     "conversation.item.truncate": GatewaySession._client_truncate,
-}
-
-_UPSTREAM_HANDLERS: dict[str, Callable[[GatewaySession, dict[str, Any]], Awaitable[Any]]] = {
-    "session.created": GatewaySession._on_session_created,
-    "session.updated": GatewaySession._on_session_updated,
-    "input_audio_buffer.speech_started": GatewaySession._on_speech_started,
-    "input_audio_buffer.speech_stopped": GatewaySession._on_speech_stopped,
-    "input_audio_buffer.committed": GatewaySession._on_committed,
-    "conversation.item.input_audio_transcription.delta": GatewaySession._on_transcript_delta,
-    "conversation.item.input_audio_transcription.completed": GatewaySession._on_transcript_completed,
-    "response.created": GatewaySession._on_response_created,
-    "response.output_audio.delta": GatewaySession._on_audio_delta,
-    "response.output_audio_transcript.done": GatewaySession._on_assistant_transcript_done,
-    "response.done": GatewaySession._on_response_done,
-    "conversation.item.added": GatewaySession._on_item_event,
-    "conversation.item.done": GatewaySession._on_item_event,
-    "conversation.item.deleted": GatewaySession._on_item_event,
-    "error": GatewaySession._on_error,
 }
