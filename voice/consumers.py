@@ -26,7 +26,7 @@ from voice.observability.logs import bind_session, clear_session
 from voice.realtime import registry
 from voice.realtime.accounting import TurnStats
 from voice.realtime.client_events import ClientEventError, dump_event, parse_client_frame
-from voice.realtime.openai_upstream import make_upstream
+from voice.realtime.openai_upstream import make_upstream, upstream_kind
 from voice.realtime.session import GatewaySession
 from voice.realtime.upstream import UpstreamConnectError
 from voice.services import sessions as session_services
@@ -405,7 +405,7 @@ class VoiceConsumer(AsyncConsumer):
             await session_services.session_meta_save(meta)
         record = session_services.session_end_record(
             meta=meta, stats=session.stats, user_pk=self.admission.user.pk,
-            upstream=session.upstream_kind or self._upstream_kind(), instance=self.instance,
+            upstream=session.upstream_kind or upstream_kind(), instance=self.instance,
             end_reason=reason, close_code=close_code, error=error, connected_s=connected,
         )
         await sync_to_async(session_services.voice_session_end, thread_sensitive=False)(record)
@@ -422,10 +422,6 @@ class VoiceConsumer(AsyncConsumer):
             session.stats.cost_usd,
         )
         clear_session()
-
-    @staticmethod
-    def _upstream_kind() -> str:
-        return "local" if settings.VOICE_UPSTREAM == "local" else "openai"
 
 
 def _make_prefetcher() -> Any:

@@ -33,11 +33,12 @@ IDLE_CLEAR_MS = 3000  # silence between turns is dropped, not transcribed
 
 def transcription_upstream() -> Upstream:
     """The transcription-only upstream for the configured VOICE_UPSTREAM."""
-    if settings.VOICE_UPSTREAM == "local":
+    from voice.realtime.openai_upstream import OpenAIUpstream, upstream_kind, upstream_url
+
+    if upstream_kind() == "local":
         from voice.realtime.engine.upstream import LocalUpstream
 
         return LocalUpstream()
-    from voice.realtime.openai_upstream import OpenAIUpstream, upstream_url
 
     return OpenAIUpstream(url=upstream_url() + "&intent=transcription")
 

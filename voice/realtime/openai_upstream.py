@@ -13,8 +13,6 @@ from voice.realtime.upstream import Upstream, UpstreamClosed, UpstreamConnectErr
 
 logger = logging.getLogger(__name__)
 
-# openai-python's list of close codes worth a retry.
-RETRYABLE_CLOSE_CODES = frozenset({1001, 1005, 1006, 1011, 1012, 1013, 1015})
 _FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 _CLOSED_TYPES = frozenset({aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED})
 
@@ -127,9 +125,14 @@ class OpenAIUpstream(Upstream):
             await self._ws.close()
 
 
+def upstream_kind() -> str:
+    """"local" or "openai": what VOICE_UPSTREAM selects."""
+    return "local" if settings.VOICE_UPSTREAM == "local" else "openai"
+
+
 def make_upstream() -> Upstream:
     """The upstream configured by VOICE_UPSTREAM: OpenAI (or a URL speaking its protocol) or the local engine."""
-    if settings.VOICE_UPSTREAM == "local":
+    if upstream_kind() == "local":
         from voice.realtime.engine.upstream import LocalUpstream
 
         return LocalUpstream()

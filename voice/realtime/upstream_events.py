@@ -217,8 +217,7 @@ class UpstreamEventHandlers:
                     "upstream_error", "upstream_error", "The voice service rejected the session"
                 )
                 return False
-        if response_id in self.cancelled_responses and len(self.cancelled_responses) > 32:
-            self.cancelled_responses.clear()
+        self.cancelled_responses.discard(response_id)  # no delta follows its response.done
 
     async def _on_item_event(self, event: dict[str, Any]) -> bool:
         item = event.get("item") or {}

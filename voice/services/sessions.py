@@ -98,14 +98,8 @@ def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str
         if not created:
             VoiceSession.objects.create(
                 id=meta.session_id,
-                user_id=user_pk,
-                external_user_id=meta.user_id,
-                plan=meta.plan,
-                cohort=meta.cohort,
-                upstream=upstream,
-                model=settings.OPENAI_REALTIME_MODEL if upstream == "openai" else "local",
-                instance=instance,
-                started_at=datetime.fromtimestamp(meta.started_at, tz=UTC),
+                **_row_defaults(user_pk=user_pk, user_id=meta.user_id, plan=meta.plan, cohort=meta.cohort,
+                                upstream=upstream, instance=instance, started_at=meta.started_at),
             )
     except DatabaseError:
         logger.exception("could not create the session row; it will be created at the end")
@@ -113,12 +107,22 @@ def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str
         close_old_connections()
 
 
+def _row_defaults(*, user_pk: int | None, user_id: str, plan: str, cohort: str, upstream: str, instance: str,
+                  started_at: float) -> dict[str, Any]:
+    """The columns a session row is created with, whether at its start or (DB down then) at its end."""
+    return {
+        "user_id": user_pk, "external_user_id": user_id, "plan": plan, "cohort": cohort, "upstream": upstream,
+        "instance": instance, "started_at": datetime.fromtimestamp(started_at, tz=UTC),
+        "model": settings.OPENAI_REALTIME_MODEL if upstream == "openai" else "local",
+    }
+
+
 def voice_session_end(record: dict[str, Any]) -> None:
     """Add one connection's counters and turns to the session row; spool when the DB fails (sync)."""
     close_old_connections()
     try:
         _write_record(record)
-        _flush_spool()
+        flush_spool()
     except DatabaseError:
         logger.exception("database unavailable at session end; metrics spooled")
         spool_record(record)
@@ -155,12 +159,10 @@ def _write_record(record: dict[str, Any]) -> None:
     with transaction.atomic():
         session, _ = VoiceSession.objects.get_or_create(
             id=record["id"],
-            defaults={
-                "user_id": record["user_pk"], "external_user_id": record["user_id"], "plan": record["plan"],
-                "cohort": record["cohort"], "upstream": record["upstream"], "instance": record["instance"],
-                "started_at": datetime.fromtimestamp(record["started_at"], tz=UTC),
-                "model": settings.OPENAI_REALTIME_MODEL if record["upstream"] == "openai" else "local",
-            },
+            defaults=_row_defaults(
+                user_pk=record["user_pk"], user_id=record["user_id"], plan=record["plan"], cohort=record["cohort"],
+                upstream=record["upstream"], instance=record["instance"], started_at=record["started_at"],
+            ),
         )
         ended_at = datetime.fromtimestamp(record["ended_at"], tz=UTC)
         VoiceSession.objects.filter(pk=session.pk).update(**counters)
@@ -192,7 +194,8 @@ def spool_record(record: dict[str, Any]) -> Path:
     return path
 
 
-def _flush_spool() -> int:
+def flush_spool() -> int:
+    """Replay spooled records (after each successful write, and `voice_sessions --flush-spool`)."""
     spool = Path(settings.METRICS_SPOOL_DIR)
     if not spool.is_dir():
         return 0
@@ -205,7 +208,3 @@ def _flush_spool() -> int:
         logger.info("replayed %d spooled session records", flushed)
     return flushed
 
-
-def flush_spool() -> int:
-    """Replay spooled records now (operators: `voice_sessions --flush-spool`)."""
-    return _flush_spool()

@@ -256,14 +256,9 @@ class SharedState:
     # --- rate limits (the `limits` library's moving window) -----------------------------------------
     async def rate_check(self, item: RateLimitItem, key: str) -> tuple[bool, int]:
         """Called by the access decision: (allowed, retry_after seconds) without consuming."""
-
-        async def on_redis(_: aioredis.Redis) -> tuple[bool, int]:
-            assert self.redis_limiter is not None
-            return await _window(self.redis_limiter, item, key)
-
         if not self.using_fallback and self.redis_limiter is not None:
             try:
-                return await on_redis(self.client)  # type: ignore[arg-type]
+                return await _window(self.redis_limiter, item, key)
             except (RedisError, OSError) as exc:
                 self._mark_down(exc)
         return await _window(self.memory_limiter, item, key)
