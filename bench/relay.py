@@ -8,10 +8,11 @@ client measures each frame's round trip. Targets, measured side by side in one r
 
   direct          the client straight to the echo upstream (the floor)
   bare            a bare Python `websockets` relay (this file, `bare` subcommand), no Django
-  uvicorn         the gateway: `manage.py voice_serve --loop uvloop` (production config, websockets-sansio)
+  uvicorn         the gateway: `manage.py voice_serve --loop uvloop` (production config: the fast-path protocol)
+  uvicorn-sansio  the gateway: `manage.py voice_serve --loop uvloop --ws websockets-sansio` (uvicorn's own)
   uvicorn-asyncio the gateway: `manage.py voice_serve --loop asyncio`
   uvicorn-stock   the gateway with Channels' stock dispatch (DB-hygiene thread hop per message)
-  uvicorn-wsclient the gateway with the upstream client on `websockets` instead of aiohttp
+  uvicorn-wsclient the gateway with the upstream client on `websockets` instead of picows
   daphne          the gateway on daphne (the Channels runserver server; the baseline)
   uv-websockets   the gateway: uvicorn CLI, `--ws websockets --loop uvloop`
   uv-wsproto      the gateway: uvicorn CLI, `--ws wsproto --loop uvloop` (needs wsproto importable)
@@ -72,8 +73,8 @@ FRAME_MS = 40
 FRAME_BYTES = 1920  # 40 ms of 24 kHz pcm16
 PASS_ADDED_P99_MS = 20.0
 NOISY_FOREIGN_UTIL = 0.10  # a run is flagged noisy when other processes used >10 % of one of our cores
-GATEWAY_TARGETS = ("uvicorn", "uvicorn-asyncio", "uvicorn-stock", "uvicorn-wsclient", "daphne", "uv-websockets",
-                   "uv-wsproto")
+GATEWAY_TARGETS = ("uvicorn", "uvicorn-sansio", "uvicorn-asyncio", "uvicorn-stock", "uvicorn-wsclient", "daphne",
+                   "uv-websockets", "uv-wsproto")
 ALL_TARGETS = ("direct", "bare", *GATEWAY_TARGETS)
 EXTRA_PYLIB = os.environ.get("BENCH_EXTRA_PYLIB", "/tmp/bench-pylib")  # wsproto lives here if installed
 
@@ -94,74 +95,92 @@ def _use_loop(name: str) -> None:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-# ==== echo upstream ======================================================================================
+# ==== echo upstream (picows: compiled framing, one callback per frame, so it stays cheap at 300+ sessions) ====
 def _event_id() -> str:
     return "evt_" + uuid.uuid4().hex[:16]
 
 
-async def _upstream_conn(ws: Any, bursts: bool) -> None:
-    session = {"type": "realtime", "id": "sess_" + uuid.uuid4().hex[:12], "object": "realtime.session",
-               "model": "gpt-realtime", "output_modalities": ["audio"]}
-    await ws.send(json.dumps({"type": "session.created", "event_id": _event_id(), "session": session}))
-    item_id = "item_" + uuid.uuid4().hex[:12]
-    prefix = ('{"type":"response.output_audio.delta","event_id":"evt_echo","response_id":"resp_echo",'
-              f'"item_id":"{item_id}","output_index":0,"content_index":0,"bench":"')
-    burst_task = asyncio.create_task(_bursts(ws)) if bursts else None
-    try:
-        async for message in ws:
-            if isinstance(message, bytes):
-                message = message.decode()
-            if message.startswith('{"type":"input_audio_buffer.append","event_id":"'):
+_APPEND_PREFIX = '{"type":"input_audio_buffer.append","event_id":"'
+
+
+def _echo_listener(bursts: bool) -> Any:
+    from picows import WSListener, WSMsgType
+
+    class EchoUpstream(WSListener):
+        """One upstream session: echoes each append as an audio delta; optional OpenAI-like bursts."""
+
+        def on_ws_connected(self, transport: Any) -> None:
+            self.transport = transport
+            self.session = {"type": "realtime", "id": "sess_" + uuid.uuid4().hex[:12], "object": "realtime.session",
+                            "model": "gpt-realtime", "output_modalities": ["audio"]}
+            self.prefix = ('{"type":"response.output_audio.delta","event_id":"evt_echo","response_id":"resp_echo",'
+                           f'"item_id":"item_{uuid.uuid4().hex[:12]}","output_index":0,"content_index":0,"bench":"')
+            self.send(json.dumps({"type": "session.created", "event_id": _event_id(), "session": self.session}))
+            self.burst_task = asyncio.get_running_loop().create_task(_bursts(self.send)) if bursts else None
+
+        def send(self, text: str) -> None:
+            if not self.transport.is_disconnected:
+                self.transport.send(WSMsgType.TEXT, text.encode())
+
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type is WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+                return
+            if frame.msg_type is not WSMsgType.TEXT:
+                return
+            message = frame.get_payload_as_utf8_text()
+            if message.startswith(_APPEND_PREFIX):
                 start = 48
                 end = message.find('"', start)
                 audio_at = message.find('"audio":"', end) + 9
-                audio = message[audio_at:message.find('"', audio_at)]
-                await ws.send(prefix + message[start:end] + '","delta":"' + audio + '"}')
-                continue
+                self.send(self.prefix + message[start:end] + '","delta":"' + message[audio_at:-2] + '"}')
+                return
             try:
                 event = json.loads(message)
             except ValueError:
-                continue
+                return
             kind = event.get("type")
             if kind == "session.update":
-                session.update(event.get("session") or {})
-                await ws.send(json.dumps({"type": "session.updated", "event_id": _event_id(), "session": session}))
+                self.session.update(event.get("session") or {})
+                self.send(json.dumps({"type": "session.updated", "event_id": _event_id(), "session": self.session}))
             elif kind == "input_audio_buffer.append":  # re-serialised by someone: slow path
                 eid, audio = str(event.get("event_id", "")), str(event.get("audio", ""))
-                await ws.send(prefix + eid + '","delta":"' + audio + '"}')
-    finally:
-        if burst_task is not None:
-            burst_task.cancel()
+                self.send(self.prefix + eid + '","delta":"' + audio + '"}')
+
+        def on_ws_disconnected(self, transport: Any) -> None:
+            if self.burst_task is not None:
+                self.burst_task.cancel()
+
+    return EchoUpstream
 
 
-async def _bursts(ws: Any, every_s: float = 5.0, chunks: int = 10, chunk_ms: int = 200, speed: float = 8.0) -> None:
+async def _bursts(send: Any, every_s: float = 5.0, chunks: int = 10, chunk_ms: int = 200, speed: float = 8.0) -> None:
     """OpenAI-like responses: every ~5 s a response of 2 s of audio in 200 ms deltas at 8x real time."""
     pcm = bytes(FRAME_BYTES // FRAME_MS * chunk_ms)
     delta = base64.b64encode(pcm).decode()
+    compact = {"separators": (",", ":")}
     await asyncio.sleep(random.uniform(0.5, every_s))
     while True:
         rid, item = "resp_" + uuid.uuid4().hex[:12], "item_" + uuid.uuid4().hex[:12]
-        await ws.send(json.dumps({"type": "response.created", "event_id": _event_id(),
-                                  "response": {"id": rid, "status": "in_progress", "output": []}}))
+        send(json.dumps({"type": "response.created", "event_id": _event_id(),
+                         "response": {"id": rid, "status": "in_progress", "output": []}}, **compact))
         for _ in range(chunks):
-            await ws.send(json.dumps({"type": "response.output_audio.delta", "event_id": _event_id(),
-                                      "response_id": rid, "item_id": item, "output_index": 0,
-                                      "content_index": 0, "delta": delta}))
+            send(json.dumps({"type": "response.output_audio.delta", "event_id": _event_id(), "response_id": rid,
+                             "item_id": item, "output_index": 0, "content_index": 0, "delta": delta}, **compact))
             await asyncio.sleep(chunk_ms / 1000 / speed)
-        await ws.send(json.dumps({"type": "response.done", "event_id": _event_id(),
-                                  "response": {"id": rid, "status": "completed", "output": [], "usage": None}}))
+        send(json.dumps({"type": "response.done", "event_id": _event_id(),
+                         "response": {"id": rid, "status": "completed", "output": [], "usage": None}}, **compact))
         await asyncio.sleep(random.uniform(0.8, 1.2) * every_s)
 
 
 async def serve_upstream(port: int, bursts: bool) -> None:
-    from websockets.asyncio.server import serve
+    from picows import ws_create_server
 
-    async def handler(ws: Any) -> None:
-        with contextlib.suppress(Exception):
-            await _upstream_conn(ws, bursts)
-
-    async with serve(handler, "127.0.0.1", port, compression=None, max_size=2**24, ping_interval=None,
-                     backlog=2048):
+    listener = _echo_listener(bursts)
+    server = await ws_create_server(lambda request: listener(), "127.0.0.1", port, max_frame_size=2**24,
+                                    backlog=2048)
+    async with server:
         await asyncio.Future()
 
 
@@ -191,31 +210,79 @@ async def serve_bare(port: int, upstream: str) -> None:
 
 
 # ==== load generator (its own process, pinned to the client core) =========================================
+def _client_listener(want: str, st: dict[str, Any], sent_measured: set[int], i: int, t0: float) -> Any:
+    from picows import WSListener, WSMsgType
+
+    class BenchClient(WSListener):
+        """One load-generator session: answers the handshake events, then times each echoed frame."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ready = asyncio.get_running_loop().create_future()
+            self.last = -1
+
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type is WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+                return
+            if frame.msg_type is not WSMsgType.TEXT:
+                return
+            now = time.monotonic_ns()
+            message = frame.get_payload_as_utf8_text()
+            if not self.ready.done():
+                event = json.loads(message)
+                kind = event.get("type")
+                if kind == "session.created" and want == "session.updated":
+                    transport.send(WSMsgType.TEXT, b'{"type":"session.update","session":{"type":"realtime"}}')
+                elif kind == want:
+                    self.ready.set_result(None)
+                elif kind == "gateway.error":
+                    self.ready.set_exception(RuntimeError(event.get("code")))
+                return
+            at = message.find('"bench":"b_')
+            if at < 0:
+                st["other_in"] += 1
+                return
+            end = message.find('"', at + 9)
+            _, seq_s, t_s = message[at + 9:end].split("_")
+            seq = int(seq_s)
+            if seq < self.last:
+                st["reordered"] += 1
+            self.last = max(self.last, seq)
+            if seq in sent_measured:
+                sent_measured.discard(seq)
+                rtt = (now - int(t_s)) / 1e6
+                st["rtts"].append(rtt)
+                if rtt > 10 and len(st["spikes"]) < 5000:
+                    st["spikes"].append((round(int(t_s) / 1e9 - t0, 3), round(rtt, 1), i))
+
+        def on_ws_disconnected(self, transport: Any) -> None:
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionError("closed during the handshake"))
+
+    return BenchClient
+
+
 async def _client_session(i: int, spec: dict[str, Any], token: str | None, t0: float, st: dict[str, Any],
                           connect_sem: asyncio.Semaphore) -> None:
-    from websockets.asyncio.client import connect
+    """One session of the load generator (picows client: compiled framing, a callback per received frame)."""
+    from picows import WSCloseCode, WSMsgType, ws_connect
 
     kind, url = spec["kind"], spec["url"]
+    want = "gateway.session.ready" if kind == "gateway" else "session.updated"
+    sent_measured: set[int] = set()
+    listener_class = _client_listener(want, st, sent_measured, i, t0)
     try:
         async with connect_sem:
             if kind == "gateway":
-                ws = await connect(f"{url}?token={token}", compression=None, max_size=None, open_timeout=60,
-                                   ping_interval=None, proxy=None)
+                transport, client = await ws_connect(listener_class, f"{url}?token={token}",
+                                                     websocket_handshake_timeout=60, max_frame_size=2**24)
             else:
-                ws = await connect(url, additional_headers={"Authorization": "Bearer bench"}, compression=None,
-                                   max_size=None, open_timeout=60, ping_interval=None, proxy=None)
-            deadline = time.monotonic() + 60
-            if kind != "gateway":
-                while json.loads(await asyncio.wait_for(ws.recv(), 60)).get("type") != "session.created":
-                    pass
-                await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
-            want = "gateway.session.ready" if kind == "gateway" else "session.updated"
-            while True:
-                event = json.loads(await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic())))
-                if event.get("type") == want:
-                    break
-                if event.get("type") == "gateway.error":
-                    raise RuntimeError(event.get("code"))
+                transport, client = await ws_connect(listener_class, url, websocket_handshake_timeout=60,
+                                                     max_frame_size=2**24,
+                                                     extra_headers={"Authorization": "Bearer bench"})
+            await asyncio.wait_for(client.ready, 60)
     except Exception as exc:
         st["connect_errors"].append(f"{type(exc).__name__}: {exc}"[:120])
         return
@@ -223,32 +290,7 @@ async def _client_session(i: int, spec: dict[str, Any], token: str | None, t0: f
     audio = spec["audio"]
     measure_from, send_until = t0 + spec["warmup"], t0 + spec["warmup"] + spec["duration"]
     phase = (i / max(1, spec["sessions"])) * FRAME_MS / 1000
-    sent_measured: set[int] = set()
-    state = {"last": -1, "received": 0}
-    rtts, lateness = st["rtts"], st["lateness"]
-
-    async def reader() -> None:
-        async for message in ws:
-            now = time.monotonic_ns()
-            at = message.find('"bench":"b_')
-            if at < 0:
-                st["other_in"] += 1
-                continue
-            end = message.find('"', at + 9)
-            _, seq_s, t_s = message[at + 9:end].split("_")
-            seq = int(seq_s)
-            if seq < state["last"]:
-                st["reordered"] += 1
-            state["last"] = max(state["last"], seq)
-            if seq in sent_measured:
-                sent_measured.discard(seq)
-                rtt = (now - int(t_s)) / 1e6
-                rtts.append(rtt)
-                if rtt > 10 and len(st["spikes"]) < 5000:
-                    st["spikes"].append((round(int(t_s) / 1e9 - t0, 3), round(rtt, 1), i))
-                state["received"] += 1
-
-    read_task = asyncio.create_task(reader())
+    lateness = st["lateness"]
     seq = max(0, math.ceil((time.monotonic() - t0 - phase) / (FRAME_MS / 1000)))  # connected late: no catch-up burst
     if seq:
         st["late_start"] += 1
@@ -261,23 +303,25 @@ async def _client_session(i: int, spec: dict[str, Any], token: str | None, t0: f
             now = time.monotonic()
             if now >= send_until:
                 break
+            if transport.is_disconnected:
+                raise ConnectionError("closed by the server")
             frame = ('{"type":"input_audio_buffer.append","event_id":"b_%d_%d","audio":"%s"}'  # noqa: UP031
                      % (seq, time.monotonic_ns(), audio))
             if now >= measure_from:
                 sent_measured.add(seq)
                 st["sent"] += 1
                 lateness.append((now - scheduled) * 1000)
-            await ws.send(frame)
+            transport.send(WSMsgType.TEXT, frame.encode())
             seq += 1
         grace = time.monotonic() + spec["grace"]
-        while sent_measured and time.monotonic() < grace and not read_task.done():
+        while sent_measured and time.monotonic() < grace and not transport.is_disconnected:
             await asyncio.sleep(0.05)
     except Exception as exc:
         st["stream_errors"].append(f"{type(exc).__name__}: {exc}"[:120])
     st["dropped"] += len(sent_measured)
-    read_task.cancel()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(ws.close(), 2)
+    if not transport.is_disconnected:
+        transport.send_close(WSCloseCode.OK)
+        transport.disconnect()
 
 
 async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +385,9 @@ def _server_cmd(target: str, port: int) -> tuple[list[str], dict[str, str]]:
     env: dict[str, str] = {}
     if target == "uvicorn":
         cmd = [PYTHON, "manage.py", "voice_serve", "--port", str(port), "--loop", "uvloop", "--no-access-log"]
+    elif target == "uvicorn-sansio":  # the same server with uvicorn's stock websockets-sansio protocol
+        cmd = [PYTHON, "manage.py", "voice_serve", "--port", str(port), "--loop", "uvloop", "--no-access-log",
+               "--ws", "websockets-sansio"]
     elif target == "uvicorn-asyncio":
         cmd = [PYTHON, "manage.py", "voice_serve", "--port", str(port), "--loop", "asyncio", "--no-access-log"]
     elif target == "daphne":

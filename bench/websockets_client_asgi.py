@@ -1,4 +1,4 @@
-"""Bench only: the production gateway with the upstream client on `websockets` instead of aiohttp.
+"""Bench only: the production gateway with the upstream client on `websockets` instead of picows.
 
 bench/relay.py's `uvicorn-wsclient` target serves this app to compare the two upstream clients side by
 side (the only difference is OpenAIUpstream's transport).

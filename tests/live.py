@@ -90,11 +90,9 @@ class LiveServer:
 
 async def _cancel_leftovers() -> None:
     """Like asyncio.run: cancel what is still pending (probes, readers) before the loop closes."""
-    from voice.realtime.openai_upstream import close_client_session
     from voice.services.state import get_state
 
     await get_state().aclose()
-    await close_client_session()
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for task in tasks:
         task.cancel()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from voice.realtime.engine.server import EngineServerThread
-from voice.realtime.openai_upstream import OpenAIUpstream, close_client_session, upstream_url
+from voice.realtime.openai_upstream import OpenAIUpstream, upstream_url
 from voice.realtime.upstream import UpstreamClosed
 
 
@@ -29,7 +29,6 @@ async def test_more_than_a_hundred_concurrent_upstreams(engine, settings) -> Non
         assert first == ["session.created"] * 120
     finally:
         await asyncio.gather(*(u.close() for u in upstreams))
-        await close_client_session()
 
 
 async def test_url_auth_and_close(engine, settings) -> None:
@@ -42,4 +41,3 @@ async def test_url_auth_and_close(engine, settings) -> None:
     await upstream.close()
     with pytest.raises(UpstreamClosed):
         await upstream.send("{}")
-    await close_client_session()

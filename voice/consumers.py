@@ -25,10 +25,16 @@ from voice import metrics
 from voice.observability.logs import bind_session, clear_session
 from voice.realtime import registry
 from voice.realtime.accounting import TurnStats
-from voice.realtime.client_events import ClientEventError, dump_event, parse_client_frame
+from voice.realtime.client_events import (
+    ClientEventError,
+    dump_event,
+    fast_append_audio_bytes,
+    parse_client_frame,
+)
 from voice.realtime.openai_upstream import make_upstream, upstream_kind
 from voice.realtime.session import GatewaySession
 from voice.realtime.upstream import UpstreamConnectError
+from voice.server_ws import FASTPATH_EXTENSION
 from voice.services import sessions as session_services
 from voice.services.access import (
     UNAUTHORIZED,
@@ -65,8 +71,11 @@ class VoiceConsumer(AsyncConsumer):
         self.channel_layer = get_channel_layer()
         self.channel_name = await self.channel_layer.new_channel() if self.channel_layer else None
         self._control: asyncio.Task[None] | None = None
+        # The voice server's synchronous frame path (voice/server_ws.py); absent under daphne/runserver.
+        self._fastpath: dict[str, Any] | None = scope.get("extensions", {}).get(FASTPATH_EXTENSION)
         self._ended = False
         self._finished = False
+        self._tokens, self._tokens_at = 4.0 * settings.VOICE_MAX_FRAMES_PER_SECOND, time.monotonic()
         try:
             while True:
                 await self.dispatch(await receive())
@@ -156,6 +165,7 @@ class VoiceConsumer(AsyncConsumer):
             early = EarlyTranscriber(prefetcher.on_partial_transcript)
         self.session = GatewaySession(
             session_id=meta.session_id, send_client=self._send_text, listener=self,
+            send_client_nowait=self._send_text_nowait if self._fastpath else None,
             upstream_factory=make_upstream, prefetcher=prefetcher, early=early, history=meta.history,
             turn_offset=meta.turns,
         )
@@ -174,6 +184,8 @@ class VoiceConsumer(AsyncConsumer):
             await self._end("internal_error", "internal_error", "Internal error", error=type(exc).__name__)
             return
         self._control = asyncio.get_running_loop().create_task(self._supervise())
+        if self._fastpath is not None:
+            self._fastpath["set_text_handler"](self._relay_frame_nowait)
 
     async def session_ready(self) -> None:
         """Called by the GatewaySession once the upstream is configured."""
@@ -239,12 +251,27 @@ class VoiceConsumer(AsyncConsumer):
             return
         await session.on_client_event(event)
 
+    def _relay_frame_nowait(self, text: str) -> bool:
+        """Called by the server for a client text frame while this consumer is idle (the audio hot path):
+        True when the frame was a canonical audio append and went upstream here; False hands it to
+        `websocket_receive`, which applies every policy to anything else."""
+        session = self.session
+        if self._ended or session is None or len(text) > settings.VOICE_MAX_FRAME_BYTES:
+            return False
+        audio_bytes = fast_append_audio_bytes(text)
+        if audio_bytes < 0 or not self._frame_allowed():
+            return False
+        if not session.relay_audio_nowait(text, audio_bytes):
+            self._tokens += 1  # `websocket_receive` counts this frame again
+            return False
+        session.stats.frames_in += 1
+        return True
+
     def _frame_allowed(self) -> bool:
         """Token bucket: VOICE_MAX_FRAMES_PER_SECOND sustained, a 4 s burst (queued audio after a stall)."""
         now = time.monotonic()
         rate = settings.VOICE_MAX_FRAMES_PER_SECOND
-        tokens = getattr(self, "_tokens", 4.0 * rate)
-        tokens = min(4.0 * rate, tokens + (now - getattr(self, "_tokens_at", now)) * rate)
+        tokens = min(4.0 * rate, self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         if tokens < 1:
             self._tokens = tokens
@@ -268,6 +295,9 @@ class VoiceConsumer(AsyncConsumer):
     async def _send_text(self, text: str) -> None:
         if not self._ended:
             await self.base_send({"type": "websocket.send", "text": text})
+
+    def _send_text_nowait(self, text: str) -> bool:
+        return not self._ended and self._fastpath["send_text_nowait"](text)  # type: ignore[index]
 
     async def _send_event(self, event: dict[str, Any]) -> None:
         await self._send_text(dump_event(event))

@@ -45,14 +45,15 @@ class VoiceServer(uvicorn.Server):
         except TimeoutError:
             logger.error("voice drain exceeded its grace period")
         await super().shutdown(sockets)
-        from voice.realtime.openai_upstream import close_client_session
 
-        await close_client_session()
+
+VOICE_WS_PROTOCOL = "voice.server_ws:VoiceWebSocketProtocol"
 
 
 def server_config(*, host: str, port: int, uds: str | None = None, fd: int | None = None,
-                  access_log: bool = True, loop: str = "auto") -> uvicorn.Config:
-    """The uvicorn settings chosen by measurement (docs/BENCHMARKS.md)."""
+                  access_log: bool = True, loop: str = "auto", ws: str = "voice") -> uvicorn.Config:
+    """The uvicorn settings chosen by measurement (docs/BENCHMARKS.md). `ws="voice"` is the voice socket's
+    fast-path protocol; uvicorn's own names ("websockets-sansio", ...) serve the same app without it."""
     return uvicorn.Config(
         "intelia_voice.asgi:application",
         host=host,
@@ -61,7 +62,7 @@ def server_config(*, host: str, port: int, uds: str | None = None, fd: int | Non
         fd=fd,
         loop=loop,
         http="h11",
-        ws="websockets-sansio",
+        ws=VOICE_WS_PROTOCOL if ws == "voice" else ws,
         ws_max_size=settings.VOICE_MAX_FRAME_BYTES,  # larger frames: close 1009 by the server itself
         ws_per_message_deflate=False,  # base64 audio barely compresses; deflate costs CPU per frame
         ws_ping_interval=20,

@@ -1,4 +1,10 @@
-"""The OpenAI Realtime upstream (GA protocol over a WebSocket), with connect retries."""
+"""The OpenAI Realtime upstream (GA protocol over a WebSocket), with connect retries.
+
+The client is picows: its frame parser and masking are compiled and it calls back per frame instead of
+waking a reader task, so a server event can be relayed to the browser inside the socket callback that
+parsed it (the Inbox bypass, voice/realtime/inbox.py). Measured against aiohttp's client and
+`websockets` in docs/BENCHMARKS.md.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,18 @@ import asyncio
 import logging
 from urllib.parse import urlencode
 
-import aiohttp
 from django.conf import settings
+from picows import WSCloseCode, WSError, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
+from voice.realtime.inbox import BypassHandler, Inbox
 from voice.realtime.upstream import Upstream, UpstreamClosed, UpstreamConnectError
 
 logger = logging.getLogger(__name__)
+logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connection at INFO
 
 _FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
-_CLOSED_TYPES = frozenset({aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED})
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_KEEPALIVE_SECONDS = 20.0
 
 
 def upstream_url() -> str:
@@ -24,70 +33,86 @@ def upstream_url() -> str:
     return f"{base}{separator}{urlencode({'model': settings.OPENAI_REALTIME_MODEL})}"
 
 
-_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+class _Listener(WSListener):
+    """picows callbacks of one upstream connection, turned into Inbox items."""
 
+    def __init__(self, upstream: OpenAIUpstream) -> None:
+        super().__init__()
+        self.upstream = upstream
+        self.inbox = upstream.inbox
+        self._fragments: list[bytes] = []
 
-def _client_session() -> aiohttp.ClientSession:
-    """One aiohttp session per event loop (it is bound to its loop), created on first use."""
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
-    if session is None or session.closed:
-        for stale in [other for other in _sessions if other.is_closed()]:
-            del _sessions[stale]
-        # limit=0: every live voice session holds one upstream socket for its whole life; aiohttp's
-        # default pool of 100 would make the 101st session wait for a slot (found by bench/soak.py).
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-                                        trust_env=False)
-        _sessions[loop] = session
-    return session
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """Called by picows for every frame received."""
+        msg_type = frame.msg_type
+        if msg_type is WSMsgType.TEXT and frame.fin:
+            self.inbox.offer_text(frame.get_payload_as_utf8_text())
+        elif msg_type is WSMsgType.CLOSE:
+            payload = frame.get_payload_as_bytes()  # read raw: codes like 4000 are not in picows' enum
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.upstream.mark_closed(code, payload[2:].decode("utf-8", errors="replace"))
+            transport.send(WSMsgType.CLOSE, payload[:2])  # echo the code: the closing handshake
+            transport.disconnect()
+        elif msg_type in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
+            self._fragments.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), []
+                self.inbox.offer_text(data.decode("utf-8", errors="replace"))
 
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        """Called by picows once the socket is gone (after a close handshake or not)."""
+        self.upstream.mark_closed(1006, "connection lost")
 
-async def close_client_session() -> None:
-    """Close this loop's aiohttp session (server shutdown, tests)."""
-    session = _sessions.pop(asyncio.get_running_loop(), None)
-    if session is not None and not session.closed:
-        await session.close()
+    def pause_writing(self) -> None:
+        """Called when the socket's send buffer is full: senders wait."""
+        self.upstream.writable.clear()
+
+    def resume_writing(self) -> None:
+        """Called when the send buffer drained."""
+        self.upstream.writable.set()
 
 
 class OpenAIUpstream(Upstream):
-    """A GA realtime session at OpenAI (or anything speaking the protocol at OPENAI_REALTIME_URL).
-
-    The client is aiohttp's: its frame reader and masking are compiled, which measured 35 % less CPU
-    per relayed frame than the pure-Python `websockets` client (docs/BENCHMARKS.md).
-    """
+    """A GA realtime session at OpenAI (or anything speaking the protocol at OPENAI_REALTIME_URL)."""
 
     kind = "openai"
 
     def __init__(self, *, url: str | None = None, api_key: str | None = None) -> None:
         self.url = url or upstream_url()
         self.api_key = api_key if api_key is not None else settings.OPENAI_API_KEY
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self.inbox = Inbox()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._transport: WSTransport | None = None
+        self._closed: UpstreamClosed | None = None
 
     async def connect(self) -> None:
         """Called once per session: open the socket, retrying with exponential backoff."""
         attempts = max(1, settings.RETRY_MAX_ATTEMPTS)
         delay = settings.RETRY_BASE_DELAY
+        timeout = settings.VOICE_UPSTREAM_CONNECT_TIMEOUT
         for attempt in range(1, attempts + 1):
             try:
-                self._ws = await asyncio.wait_for(
-                    _client_session().ws_connect(
-                        self.url,
-                        headers={"Authorization": f"Bearer {self.api_key or 'local'}"},
-                        max_msg_size=16 * 1024 * 1024,
-                        compress=0,  # base64 audio does not compress; deflate costs CPU per frame
-                        heartbeat=20,
-                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+                self._transport, _ = await asyncio.wait_for(
+                    ws_connect(
+                        lambda: _Listener(self), self.url,
+                        extra_headers={"Authorization": f"Bearer {self.api_key or 'local'}"},
+                        websocket_handshake_timeout=timeout,
+                        max_frame_size=_MAX_MESSAGE_BYTES,
+                        max_redirects=0,
+                        enable_auto_ping=True,
+                        auto_ping_idle_timeout=_KEEPALIVE_SECONDS,
+                        auto_ping_reply_timeout=_KEEPALIVE_SECONDS,
                     ),
-                    settings.VOICE_UPSTREAM_CONNECT_TIMEOUT,
+                    timeout,
                 )
                 return
-            except aiohttp.WSServerHandshakeError as exc:
-                if exc.status in _FATAL_HTTP_STATUSES:
-                    raise UpstreamConnectError(
-                        f"upstream refused the handshake (HTTP {exc.status})", fatal=True
-                    ) from None
-                reason = f"HTTP {exc.status}"
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except WSHandshakeError as exc:
+                status = exc.response.status if exc.response is not None else 0
+                if status in _FATAL_HTTP_STATUSES:
+                    raise UpstreamConnectError(f"upstream refused the handshake (HTTP {status})", fatal=True) from None
+                reason = f"HTTP {status}" if status else type(exc).__name__
+            except (WSError, OSError, TimeoutError) as exc:
                 reason = type(exc).__name__
             logger.warning("upstream connect attempt %d/%d failed: %s", attempt, attempts, reason)
             if attempt < attempts:
@@ -95,34 +120,53 @@ class OpenAIUpstream(Upstream):
                 delay *= settings.RETRY_BACKOFF_FACTOR
         raise UpstreamConnectError(f"upstream unreachable after {attempts} attempts")
 
+    def mark_closed(self, code: int, reason: str) -> None:
+        """Called on the first close frame, disconnect or `close()`: recv and send raise from now on."""
+        if self._closed is None:
+            self._closed = UpstreamClosed(code, reason)
+            self.inbox.put_nowait(self._closed)
+            self.writable.set()  # wake senders: they raise
+
+    def set_text_handler(self, handler: BypassHandler | None) -> None:
+        """Called by the session: relay server events synchronously while its reader is parked."""
+        self.inbox.bypass = handler
+
+    def send_nowait(self, text: str) -> bool:
+        """Called on the hot path: write now, or False (closed or backed up: use `send`)."""
+        transport = self._transport
+        if self._closed is not None or transport is None or not self.writable.is_set():
+            return False
+        transport.send(WSMsgType.TEXT, text.encode())
+        return True
+
     async def send(self, text: str) -> None:
-        """Called for each event to forward."""
-        ws = self._ws
-        if ws is None or ws.closed:
-            raise UpstreamClosed(ws.close_code if ws is not None else None, "not connected")
-        try:
-            await ws.send_str(text)
-        except (ConnectionError, aiohttp.ClientError, RuntimeError):
-            raise UpstreamClosed(ws.close_code or 1006) from None
+        """Called for each event to forward; waits while the socket is backed up."""
+        if not self.writable.is_set():
+            await self.writable.wait()
+        if self._closed is not None:
+            raise self._closed
+        if self._transport is None:
+            raise UpstreamClosed(None, "not connected")
+        self._transport.send(WSMsgType.TEXT, text.encode())
 
     async def recv(self) -> str:
         """Called by the session's reader loop."""
-        ws = self._ws
-        if ws is None:
+        if self._transport is None:
             raise UpstreamClosed(None, "not connected")
-        message = await ws.receive()
-        if message.type is aiohttp.WSMsgType.TEXT:
-            return message.data
-        if message.type is aiohttp.WSMsgType.BINARY:
-            return message.data.decode("utf-8", errors="replace")
-        if message.type in _CLOSED_TYPES:
-            raise UpstreamClosed(ws.close_code or 1005, str(message.extra or ""))
-        raise UpstreamClosed(ws.close_code or 1006, "connection error")  # ERROR: the socket broke
+        item = await self.inbox.get()
+        if item.__class__ is UpstreamClosed:
+            self.inbox.put_nowait(item)  # every later recv raises too
+            raise item
+        return item
 
     async def close(self) -> None:
         """Called at session end or recycle."""
-        if self._ws is not None and not self._ws.closed:
-            await self._ws.close()
+        transport = self._transport
+        if transport is not None and not transport.is_disconnected:
+            if self._closed is None:
+                transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+        self.mark_closed(1000, "closed by the gateway")
 
 
 def upstream_kind() -> str:

@@ -51,6 +51,7 @@ class GatewaySession(UpstreamEventHandlers):
         session_id: str,
         send_client: Callable[[str], Awaitable[None]],
         listener: SessionListener,
+        send_client_nowait: Callable[[str], bool] | None = None,
         upstream_factory: Callable[[], Upstream],
         prefetcher: Any = None,
         early: Any = None,
@@ -59,6 +60,7 @@ class GatewaySession(UpstreamEventHandlers):
     ) -> None:
         self.session_id = session_id
         self.send_client = send_client
+        self.send_client_nowait = send_client_nowait  # the server's synchronous write, when it has one
         self.listener = listener
         self.upstream_factory = upstream_factory
         self.prefetcher = prefetcher
@@ -108,6 +110,8 @@ class GatewaySession(UpstreamEventHandlers):
     async def _open_upstream(self) -> None:
         upstream = self.upstream_factory()
         await upstream.connect()
+        if self.send_client_nowait is not None:
+            upstream.set_text_handler(self._relay_upstream_nowait)
         self.upstream, self.upstream_kind = upstream, upstream.kind
         self.upstream_started = time.monotonic()
         self.configured = False
@@ -150,6 +154,14 @@ class GatewaySession(UpstreamEventHandlers):
         await self.send_client(dump_event(event))
 
     # --- client → upstream -------------------------------------------------------------------------
+    def relay_audio_nowait(self, text: str, audio_bytes: int) -> bool:
+        """Called by the consumer's fast path with a canonical audio append: True when forwarded now."""
+        upstream = self.upstream
+        if not self.configured or self.early is not None or upstream is None or not upstream.send_nowait(text):
+            return False
+        self.stats.bytes_in += audio_bytes
+        return True
+
     async def on_client_event(self, event: ClientEvent) -> None:
         """Called for every validated client event (the hot path for audio appends)."""
         if event.text is not None and event.type == "input_audio_buffer.append":

@@ -8,6 +8,7 @@ events verbatim.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 
 class UpstreamError(Exception):
@@ -43,6 +44,15 @@ class Upstream(abc.ABC):
     @abc.abstractmethod
     async def send(self, text: str) -> None:
         """Called for every client event to forward (JSON text); raises UpstreamClosed."""
+
+    def send_nowait(self, text: str) -> bool:
+        """Called on the hot path: forward at once and return True, or False to have `send` awaited."""
+        return False
+
+    def set_text_handler(self, handler: Callable[[str], bool] | None) -> None:
+        """Called by the session: offer server events to `handler` synchronously while its reader is
+        parked (it returns True when it relayed the event). Upstreams without a fast path ignore it."""
+        return None
 
     @abc.abstractmethod
     async def recv(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,25 @@ _DELTA_TYPES = frozenset(
     {"response.output_audio.delta", "response.output_audio_transcript.delta", "response.output_text.delta"}
 )
 _HISTORY_CHARS = 6000
+_AUDIO_DELTA_HEAD = re.compile(r'\{"type": ?"response\.output_audio\.delta"')
+_DELTA_IDS = re.compile(r'"(response_id|item_id)": ?"([^"\\]*)"')
+
+
+def audio_delta_fields(text: str) -> tuple[str, str, int] | None:
+    """(response_id, item_id, pcm bytes) of a `response.output_audio.delta` whose delta is its last field,
+    read without parsing the (12.8 KB for 200 ms) JSON; None when `text` is anything else."""
+    if _AUDIO_DELTA_HEAD.match(text) is None or not text.endswith('"}'):
+        return None
+    at = text.rfind('"delta":')
+    if at < 0:
+        return None
+    quote = at + 8 + (text[at + 8] == " ")
+    if text[quote] != '"' or text.find('"', quote + 1, len(text) - 2) >= 0:
+        return None
+    ids = dict(_DELTA_IDS.findall(text, 0, at))
+    b64_chars = len(text) - 2 - (quote + 1)
+    pad = 2 if text.endswith('=="}') else 1 if text.endswith('="}') else 0
+    return ids.get("response_id", ""), ids.get("item_id", ""), b64_chars * 3 // 4 - pad
 
 
 class UpstreamEventHandlers:
@@ -56,6 +76,18 @@ class UpstreamEventHandlers:
             logger.exception("upstream reader crashed")
             if not self.closing:
                 await self.listener.session_failed("internal_error", "internal_error", "Internal error")
+
+    def _relay_upstream_nowait(self, text: str) -> bool:
+        """Called by the upstream for each server event while the reader is parked: relays an audio delta
+        to the client synchronously (True); anything else goes through `_on_upstream_text` (False)."""
+        fields = audio_delta_fields(text)
+        if fields is None or fields[0] in self.cancelled_responses or not self.send_client_nowait(text):
+            return False
+        self.last_upstream_event = time.monotonic()
+        self._account_audio_delta(fields[1], fields[2])
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(text)
+        return True
 
     async def _on_upstream_text(self, text: str) -> None:
         try:
@@ -168,9 +200,12 @@ class UpstreamEventHandlers:
         self._idle.clear()
 
     async def _on_audio_delta(self, event: dict[str, Any]) -> None:
-        item_id = event.get("item_id") or ""
-        delta = event.get("delta") or ""
+        delta = str(event.get("delta") or "")
         size = len(delta) * 3 // 4 - (2 if delta.endswith("==") else 1 if delta.endswith("=") else 0)
+        self._account_audio_delta(str(event.get("item_id") or ""), size)
+
+    def _account_audio_delta(self, item_id: str, size: int) -> None:
+        """Audio bytes sent per assistant item (bounds barge-in truncation) and the turn's first audio."""
         if item_id not in self.assistant_audio:
             self.assistant_audio[item_id] = 0
             if len(self.assistant_audio) > 16:

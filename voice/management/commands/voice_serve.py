@@ -16,10 +16,12 @@ class Command(BaseCommand):
         parser.add_argument("--uds", default=None, help="Unix domain socket path instead of host/port.")
         parser.add_argument("--no-access-log", action="store_true")
         parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+        parser.add_argument("--ws", default="voice", choices=["voice", "websockets-sansio", "websockets", "wsproto"],
+                            help="WebSocket protocol: voice (fast path, default) or one of uvicorn's own.")
 
     def handle(self, *args, **options) -> None:
         config = server_config(
             host=options["host"], port=options["port"], uds=options["uds"],
-            access_log=not options["no_access_log"], loop=options["loop"],
+            access_log=not options["no_access_log"], loop=options["loop"], ws=options["ws"],
         )
         VoiceServer(config).run()

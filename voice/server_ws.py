@@ -1,0 +1,169 @@
+"""The voice socket's WebSocket protocol for uvicorn: websockets-sansio with a fast path for data frames.
+
+Measured (docs/BENCHMARKS.md), uvicorn's websockets-sansio protocol spends most of a relayed frame's CPU
+in plumbing rather than in the relay: a generator-driven frame parser, a message dict and an
+asyncio.Queue hop per frame, a pause_reading/resume_reading pair per message, and a send coroutine
+chain per outgoing frame. This subclass keeps websockets in charge of everything that is rare or
+subtle — the handshake, control frames, fragmentation, close handshakes, keepalive, protocol errors
+(1002, 1007, 1009) — and handles only the common case itself: a complete, unfragmented, masked text
+frame in, a text frame out.
+
+Incoming frames are cut from the stream here; each one that is not a plain text frame is handed to
+websockets whole, so its parser is always at a frame boundary and its state stays exact. Text goes to
+an Inbox (voice/realtime/inbox.py), whose bypass lets the app relay a frame synchronously while its
+reader is parked.
+
+The app reaches the fast path through the ASGI scope extension `FASTPATH_EXTENSION`:
+``set_text_handler(fn)`` installs the bypass (``fn(text) -> bool``: True when the frame was handled),
+``send_text_nowait(text) -> bool`` writes a text frame at once (False: not possible now, use `send`).
+Servers without it (daphne, runserver) serve the same app through plain ASGI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+from websockets.protocol import OPEN
+from websockets.speedups import apply_mask
+
+from voice.realtime.inbox import BypassHandler, Inbox
+
+FASTPATH_EXTENSION = "intelia.voice.fastpath"
+_FIN_TEXT = 0x81  # FIN bit + text opcode, no RSV bits
+_OP_CONT = 0x0
+_MAX_QUEUED = 64  # stop reading from a client whose frames the app has not taken (TCP pushes back)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented text frame (server to client)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((_FIN_TEXT, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
+class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol with frame-level fast paths (see the module docstring)."""
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any], _loop: Any = None):
+        super().__init__(config, server_state, app_state, _loop)
+        self.queue: Inbox = Inbox()  # type: ignore[assignment]  # the asyncio.Queue subset uvicorn uses
+        self._fast = False  # set once the handshake is done: frames are cut here
+        self._pending = b""  # an incomplete frame's bytes
+        self._in_fragmented_message = False  # fragments all go to websockets
+        self._max_size = config.ws_max_size
+
+    # --- handshake -----------------------------------------------------------------------------------
+    def handle_connect(self, event: Any) -> None:
+        """Called by websockets once the upgrade request is parsed: offer the fast path to the app."""
+        super().handle_connect(event)
+        if self.response.status_code == 101:
+            self.scope["extensions"][FASTPATH_EXTENSION] = {
+                "set_text_handler": self.set_text_handler,
+                "send_text_nowait": self.send_text_nowait,
+            }
+
+    def set_text_handler(self, handler: BypassHandler | None) -> None:
+        """Called by the app (once accepted) to relay text frames synchronously while it is idle."""
+        self.queue.bypass = handler
+
+    # --- frames in -----------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        """Called by the event loop with bytes from the client."""
+        if not self._fast:
+            super().data_received(data)
+            return
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            first, second = data[pos], data[pos + 1]
+            size, head = second & 0x7F, pos + 2
+            if size == 126:
+                if end - pos < 4:
+                    break
+                size, head = (data[pos + 2] << 8) | data[pos + 3], pos + 4
+            elif size == 127:
+                if end - pos < 10:
+                    break
+                size, head = int.from_bytes(data[pos + 2:pos + 10], "big"), pos + 10
+            if size > self._max_size or not second & 0x80:
+                self._leave_fast(data[pos:])  # too big or unmasked: websockets closes with 1009 / 1002
+                return
+            frame_end = head + 4 + size
+            if frame_end > end:
+                break
+            if first == _FIN_TEXT and not self._in_fragmented_message:
+                try:
+                    text = apply_mask(data[head + 4:frame_end], data[head:head + 4]).decode()
+                except UnicodeDecodeError:
+                    self._leave_fast(data[pos:])  # websockets closes with 1007
+                    return
+                if not self.close_sent:  # past websocket.close, messages are discarded (as upstream does)
+                    self.queue.offer_text(text)
+            elif not self._to_websockets(data[pos:frame_end], first):
+                return
+            pos = frame_end
+        if pos < end:
+            self._pending = data[pos:]
+        if not self.read_paused and self.queue.qsize() >= _MAX_QUEUED:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _to_websockets(self, frame: bytes, first: int) -> bool:
+        """A whole control, binary or fragment frame for websockets; False once the connection fails."""
+        opcode, fin = first & 0x0F, first & 0x80
+        if opcode == _OP_CONT:
+            self._in_fragmented_message = not fin
+        elif opcode < 0x8:  # text or binary starting a message
+            self._in_fragmented_message = not fin
+        self.conn.receive_data(frame)
+        if self.conn.parser_exc is not None:
+            self.handle_parser_exception()
+            return False
+        self.handle_events()
+        return True
+
+    def _leave_fast(self, rest: bytes) -> None:
+        self._fast = False
+        self._pending = b""
+        super().data_received(rest)
+
+    async def receive(self) -> Any:
+        """Called by the app for its next message."""
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
+        if message.__class__ is str:
+            return {"type": "websocket.receive", "text": message}
+        return message
+
+    # --- frames out ----------------------------------------------------------------------------------
+    def _can_send_fast(self) -> bool:
+        return (self.handshake_complete and not self.close_sent and not self.disconnected
+                and self.initial_response is None and self.conn.state is OPEN)
+
+    def send_text_nowait(self, text: str) -> bool:
+        """Called by the app to write a text frame now; False when the socket is closing or backed up."""
+        if not self._can_send_fast() or not self.writable.is_set():
+            return False
+        self.transport.write(text_frame(text.encode()))
+        return True
+
+    async def send(self, message: Any) -> None:
+        """Called by the app for every ASGI send."""
+        if message["type"] == "websocket.send" and message.get("text") is not None and self._can_send_fast():
+            self.transport.write(text_frame(message["text"].encode()))
+            if not self.writable.is_set():  # the client reads slower than we write: wait for it
+                await self.writable.wait()
+            return
+        await super().send(message)
+        if (message["type"] == "websocket.accept" and self.handshake_complete and not self.close_sent
+                and not self.conn.reader.buffer):
+            self._fast = True
