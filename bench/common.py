@@ -44,7 +44,7 @@ def bench_env(db_path: str = "/tmp/bench.sqlite3", **extra: Any) -> dict[str, st
             "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
             "MAX_SESSIONS_PER_USER_PER_HOUR": "100000",
             "MAX_SESSION_DURATION": "3600",
-            "METRICS_SPOOL_DIR": "/tmp/bench-spool",
+            "METRICS_SPOOL_DIR": db_path + ".spool",  # per bench database: records of another one never replay
             "RAG_LOCAL_INDEX": "/tmp/bench-knowledge.sqlite3",
             "PYTHONUNBUFFERED": "1",
         }
@@ -68,6 +68,7 @@ def prepare_db(db_path: str = "/tmp/bench.sqlite3", *, fresh: bool = True) -> No
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(db_path + suffix)
+        shutil.rmtree(db_path + ".spool", ignore_errors=True)
     env = bench_env(db_path)
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
     snippet = (

@@ -100,7 +100,7 @@ def _event_id() -> str:
     return "evt_" + uuid.uuid4().hex[:16]
 
 
-_APPEND_PREFIX = '{"type":"input_audio_buffer.append","event_id":"'
+_APPEND_PREFIX = b'{"type":"input_audio_buffer.append","event_id":"'
 
 
 def _echo_listener(bursts: bool) -> Any:
@@ -114,7 +114,8 @@ def _echo_listener(bursts: bool) -> Any:
             self.session = {"type": "realtime", "id": "sess_" + uuid.uuid4().hex[:12], "object": "realtime.session",
                             "model": "gpt-realtime", "output_modalities": ["audio"]}
             self.prefix = ('{"type":"response.output_audio.delta","event_id":"evt_echo","response_id":"resp_echo",'
-                           f'"item_id":"item_{uuid.uuid4().hex[:12]}","output_index":0,"content_index":0,"bench":"')
+                           f'"item_id":"item_{uuid.uuid4().hex[:12]}","output_index":0,"content_index":0,'
+                           '"bench":"').encode()
             self.send(json.dumps({"type": "session.created", "event_id": _event_id(), "session": self.session}))
             self.burst_task = asyncio.get_running_loop().create_task(_bursts(self.send)) if bursts else None
 
@@ -129,12 +130,13 @@ def _echo_listener(bursts: bool) -> Any:
                 return
             if frame.msg_type is not WSMsgType.TEXT:
                 return
-            message = frame.get_payload_as_utf8_text()
+            message = frame.get_payload_as_bytes()
             if message.startswith(_APPEND_PREFIX):
                 start = 48
-                end = message.find('"', start)
-                audio_at = message.find('"audio":"', end) + 9
-                self.send(self.prefix + message[start:end] + '","delta":"' + message[audio_at:-2] + '"}')
+                end = message.find(b'"', start)
+                audio_at = message.find(b'"audio":"', end) + 9
+                transport.send(WSMsgType.TEXT,
+                               self.prefix + message[start:end] + b'","delta":"' + message[audio_at:-2] + b'"}')
                 return
             try:
                 event = json.loads(message)
@@ -146,7 +148,7 @@ def _echo_listener(bursts: bool) -> Any:
                 self.send(json.dumps({"type": "session.updated", "event_id": _event_id(), "session": self.session}))
             elif kind == "input_audio_buffer.append":  # re-serialised by someone: slow path
                 eid, audio = str(event.get("event_id", "")), str(event.get("audio", ""))
-                self.send(self.prefix + eid + '","delta":"' + audio + '"}')
+                self.send(self.prefix.decode() + eid + '","delta":"' + audio + '"}')
 
         def on_ws_disconnected(self, transport: Any) -> None:
             if self.burst_task is not None:
@@ -229,7 +231,7 @@ def _client_listener(want: str, st: dict[str, Any], sent_measured: set[int], i: 
             if frame.msg_type is not WSMsgType.TEXT:
                 return
             now = time.monotonic_ns()
-            message = frame.get_payload_as_utf8_text()
+            message = frame.get_payload_as_bytes()
             if not self.ready.done():
                 event = json.loads(message)
                 kind = event.get("type")
@@ -240,12 +242,12 @@ def _client_listener(want: str, st: dict[str, Any], sent_measured: set[int], i: 
                 elif kind == "gateway.error":
                     self.ready.set_exception(RuntimeError(event.get("code")))
                 return
-            at = message.find('"bench":"b_')
+            at = message.find(b'"bench":"b_')
             if at < 0:
                 st["other_in"] += 1
                 return
-            end = message.find('"', at + 9)
-            _, seq_s, t_s = message[at + 9:end].split("_")
+            end = message.find(b'"', at + 9)
+            _, seq_s, t_s = message[at + 9:end].split(b"_")
             seq = int(seq_s)
             if seq < self.last:
                 st["reordered"] += 1
@@ -267,7 +269,7 @@ def _client_listener(want: str, st: dict[str, Any], sent_measured: set[int], i: 
 async def _client_session(i: int, spec: dict[str, Any], token: str | None, t0: float, st: dict[str, Any],
                           connect_sem: asyncio.Semaphore) -> None:
     """One session of the load generator (picows client: compiled framing, a callback per received frame)."""
-    from picows import WSCloseCode, WSMsgType, ws_connect
+    from picows import WSCloseCode, ws_connect
 
     kind, url = spec["kind"], spec["url"]
     want = "gateway.session.ready" if kind == "gateway" else "session.updated"
@@ -287,32 +289,10 @@ async def _client_session(i: int, spec: dict[str, Any], token: str | None, t0: f
         st["connect_errors"].append(f"{type(exc).__name__}: {exc}"[:120])
         return
     st["connected"] += 1
-    audio = spec["audio"]
-    measure_from, send_until = t0 + spec["warmup"], t0 + spec["warmup"] + spec["duration"]
     phase = (i / max(1, spec["sessions"])) * FRAME_MS / 1000
-    lateness = st["lateness"]
-    seq = max(0, math.ceil((time.monotonic() - t0 - phase) / (FRAME_MS / 1000)))  # connected late: no catch-up burst
-    if seq:
-        st["late_start"] += 1
+    stream = _Stream(transport, spec, st, sent_measured, t0 + phase, t0 + spec["warmup"])
     try:
-        while True:
-            scheduled = t0 + phase + seq * FRAME_MS / 1000
-            delay = scheduled - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = time.monotonic()
-            if now >= send_until:
-                break
-            if transport.is_disconnected:
-                raise ConnectionError("closed by the server")
-            frame = ('{"type":"input_audio_buffer.append","event_id":"b_%d_%d","audio":"%s"}'  # noqa: UP031
-                     % (seq, time.monotonic_ns(), audio))
-            if now >= measure_from:
-                sent_measured.add(seq)
-                st["sent"] += 1
-                lateness.append((now - scheduled) * 1000)
-            transport.send(WSMsgType.TEXT, frame.encode())
-            seq += 1
+        await stream.done
         grace = time.monotonic() + spec["grace"]
         while sent_measured and time.monotonic() < grace and not transport.is_disconnected:
             await asyncio.sleep(0.05)
@@ -322,6 +302,50 @@ async def _client_session(i: int, spec: dict[str, Any], token: str | None, t0: f
     if not transport.is_disconnected:
         transport.send_close(WSCloseCode.OK)
         transport.disconnect()
+
+
+class _Stream:
+    """One session's frames, each sent by a timer callback at its real-time slot: no task wakes up per
+    frame (a task per session cost the load generator more CPU than the relay it measured)."""
+
+    def __init__(self, transport: Any, spec: dict[str, Any], st: dict[str, Any], sent_measured: set[int],
+                 start: float, measure_from: float) -> None:
+        from picows import WSMsgType
+
+        self.text = WSMsgType.TEXT
+        self.transport, self.st, self.sent_measured = transport, st, sent_measured
+        self.start, self.measure_from = start, measure_from
+        self.send_until = measure_from + spec["duration"]
+        self.tail = b'","audio":"' + spec["audio"].encode() + b'"}'
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.seq = max(0, math.ceil((time.monotonic() - start) / (FRAME_MS / 1000)))  # late: no catch-up burst
+        if self.seq:
+            st["late_start"] += 1
+        self._schedule()
+
+    def _schedule(self) -> None:
+        self.scheduled = self.start + self.seq * FRAME_MS / 1000
+        self.loop.call_later(max(0.0, self.scheduled - time.monotonic()), self._send)
+
+    def _send(self) -> None:
+        now = time.monotonic()
+        if now >= self.send_until or self.transport.is_disconnected:
+            if not self.done.done():
+                if now < self.send_until:
+                    self.done.set_exception(ConnectionError("closed by the server"))
+                else:
+                    self.done.set_result(None)
+            return
+        seq = self.seq
+        if now >= self.measure_from:
+            self.sent_measured.add(seq)
+            self.st["sent"] += 1
+            self.st["lateness"].append((now - self.scheduled) * 1000)
+        self.transport.send(self.text, b'{"type":"input_audio_buffer.append","event_id":"b_%d_%d' % (
+            seq, time.monotonic_ns()) + self.tail)
+        self.seq = seq + 1
+        self._schedule()
 
 
 async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
@@ -414,8 +438,10 @@ def _server_cmd(target: str, port: int) -> tuple[list[str], dict[str, str]]:
 def start_targets(targets: list[str], upstream_url: str, server_cpu: int | None, upstream_port: int,
                   bursts: bool, db: str) -> dict[str, Any]:
     servers: dict[str, Any] = {}
+    # Every feature on: JWT admission, Redis state and channel layer, Option B retrieval (local index; the
+    # echo upstream sends no transcripts, so it never queries), metrics, and Sentry (a DSN nobody answers).
     gw_env = bench_env(db, VOICE_UPSTREAM="openai", OPENAI_REALTIME_URL=upstream_url, OPENAI_API_KEY="bench",
-                       RAG_BACKEND="off")
+                       RAG_BACKEND="local", SENTRY_DSN="http://bench@127.0.0.1:9/1")
     for target in targets:
         if target == "direct":
             continue
@@ -435,12 +461,26 @@ def start_targets(targets: list[str], upstream_url: str, server_cpu: int | None,
     return servers
 
 
+def wait_idle(servers: dict[str, Any], upstream: Server, *, below: float = 0.03, limit_s: float = 60.0) -> float:
+    """Wait until every server of the run is idle (< 3 % of a core over 0.5 s): the previous run's session
+    ends (rows, Redis releases) must not be billed as foreign load to the next. Returns the seconds waited."""
+    procs = [*servers.values(), upstream]
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = [proc_cpu_seconds(p.pid) for p in procs]
+        time.sleep(0.5)
+        if all(proc_cpu_seconds(p.pid) - b < below * 0.5 for p, b in zip(procs, before, strict=True)):
+            break
+    return time.monotonic() - started
+
+
 def one_run(target: str, n: int, args: argparse.Namespace, servers: dict[str, Any], upstream: Server,
             upstream_url: str, run_tag: str) -> dict[str, Any]:
+    settled_s = wait_idle(servers, upstream)
     spec: dict[str, Any] = {
         "sessions": n, "warmup": args.warmup, "duration": args.duration, "grace": 2.0,
         "audio": _audio_b64(), "cpu": args.client_cpu, "connect_concurrency": 16,
-        "connect_budget": max(2.0, n * (0.02 if target in GATEWAY_TARGETS else 0.004)),
+        "connect_budget": max(2.0, n * (0.05 if target in GATEWAY_TARGETS else 0.004)),  # all in before t0
         "pids": {"upstream": upstream.pid},
     }
     if target == "direct":
@@ -460,7 +500,7 @@ def one_run(target: str, n: int, args: argparse.Namespace, servers: dict[str, An
     rtts = sorted(raw["rtts"])
     minutes = raw.get("window_s", args.duration) / 60
     result: dict[str, Any] = {
-        "target": target, "sessions": n, "connected": raw["connected"],
+        "target": target, "sessions": n, "connected": raw["connected"], "settled_s": round(settled_s, 1),
         "connect_errors": raw["connect_errors"][:5], "stream_errors": raw["stream_errors"][:5],
         "frames_measured": raw["sent"], "dropped": raw["dropped"], "reordered": raw["reordered"],
         "rtt_ms": {"p50": pct(rtts, 50), "p95": pct(rtts, 95), "p99": pct(rtts, 99), "max": rtts[-1] if rtts else None},

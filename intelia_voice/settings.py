@@ -108,6 +108,8 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 REDIS_ENABLED = env.bool("REDIS_ENABLED", default=True)
 REDIS_PROBE_INTERVAL = env.float("REDIS_PROBE_INTERVAL", default=2.0)  # seconds between recovery probes
 REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5)
+REDIS_MAX_CONNECTIONS = env.int("REDIS_MAX_CONNECTIONS", default=64)  # per process: shared state (not channels)
+REDIS_POOL_TIMEOUT = env.float("REDIS_POOL_TIMEOUT", default=5.0)  # waiting longer for a free connection = outage
 RETRY_BACKOFF_FACTOR = env.float("RETRY_BACKOFF_FACTOR", default=2)
 RETRY_MAX_ATTEMPTS = env.int("RETRY_MAX_ATTEMPTS", default=3)
 RETRY_BASE_DELAY = env.float("RETRY_BASE_DELAY", default=0.25)  # seconds before the 2nd attempt

@@ -45,6 +45,7 @@ from voice.services.access import (
     concurrency_key,
 )
 from voice.services.auth import AuthError, Identity, identity_from_jwt, ticket_redeem
+from voice.services.db import run_db_write
 from voice.services.rollout import BROADCAST_GROUP, rollout_snapshot
 from voice.services.state import get_state
 
@@ -75,7 +76,10 @@ class VoiceConsumer(AsyncConsumer):
         self._fastpath: dict[str, Any] | None = scope.get("extensions", {}).get(FASTPATH_EXTENSION)
         self._ended = False
         self._finished = False
-        self._tokens, self._tokens_at = 4.0 * settings.VOICE_MAX_FRAMES_PER_SECOND, time.monotonic()
+        # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
+        self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
+        self._frame_rate: float = settings.VOICE_MAX_FRAMES_PER_SECOND
+        self._tokens, self._tokens_at = 4.0 * self._frame_rate, time.monotonic()
         try:
             while True:
                 await self.dispatch(await receive())
@@ -165,7 +169,8 @@ class VoiceConsumer(AsyncConsumer):
             early = EarlyTranscriber(prefetcher.on_partial_transcript)
         self.session = GatewaySession(
             session_id=meta.session_id, send_client=self._send_text, listener=self,
-            send_client_nowait=self._send_text_nowait if self._fastpath else None,
+            # The server's own write: nothing between the upstream's callback and the client's socket.
+            send_client_nowait=self._fastpath["send_text_nowait"] if self._fastpath else None,
             upstream_factory=make_upstream, prefetcher=prefetcher, early=early, history=meta.history,
             turn_offset=meta.turns,
         )
@@ -191,7 +196,7 @@ class VoiceConsumer(AsyncConsumer):
         """Called by the GatewaySession once the upstream is configured."""
         meta = self.meta
         await session_services.session_meta_save(meta)
-        await sync_to_async(session_services.voice_session_start, thread_sensitive=False)(
+        await run_db_write(session_services.voice_session_start,
             meta=meta, user_pk=self.admission.user.pk, upstream=self.session.upstream_kind,
             instance=self.instance,
         )
@@ -238,7 +243,7 @@ class VoiceConsumer(AsyncConsumer):
         if not self._frame_allowed():
             await self._end("policy", "frame_rate_exceeded", "Too many frames per second", close_code=4008)
             return
-        if len(text) > settings.VOICE_MAX_FRAME_BYTES:
+        if len(text) > self._max_frame_bytes:
             await self._end("policy", "frame_too_large", "Frame exceeds the size limit", close_code=4009)
             return
         try:
@@ -251,26 +256,32 @@ class VoiceConsumer(AsyncConsumer):
             return
         await session.on_client_event(event)
 
-    def _relay_frame_nowait(self, text: str) -> bool:
-        """Called by the server for a client text frame while this consumer is idle (the audio hot path):
-        True when the frame was a canonical audio append and went upstream here; False hands it to
-        `websocket_receive`, which applies every policy to anything else."""
+    def _relay_frame_nowait(self, payload: bytes) -> bool:
+        """Called by the server for a client text frame (raw UTF-8) while this consumer is idle (the audio
+        hot path): True when the frame was a canonical audio append and went upstream here; False hands it
+        to `websocket_receive`, which applies every policy to anything else."""
         session = self.session
-        if self._ended or session is None or len(text) > settings.VOICE_MAX_FRAME_BYTES:
+        if self._ended or session is None or len(payload) > self._max_frame_bytes:
             return False
-        audio_bytes = fast_append_audio_bytes(text)
-        if audio_bytes < 0 or not self._frame_allowed():
+        audio_bytes = fast_append_audio_bytes(payload)
+        if audio_bytes < 0:
             return False
-        if not session.relay_audio_nowait(text, audio_bytes):
-            self._tokens += 1  # `websocket_receive` counts this frame again
+        # `_frame_allowed`, inlined: the token bucket of the frame-rate policy.
+        now = time.monotonic()
+        rate = self._frame_rate
+        tokens = min(4.0 * rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if tokens < 1 or not session.relay_audio_nowait(payload, audio_bytes):
+            self._tokens = tokens  # `websocket_receive` applies the policy (or relays) and counts it
             return False
+        self._tokens = tokens - 1
         session.stats.frames_in += 1
         return True
 
     def _frame_allowed(self) -> bool:
         """Token bucket: VOICE_MAX_FRAMES_PER_SECOND sustained, a 4 s burst (queued audio after a stall)."""
         now = time.monotonic()
-        rate = settings.VOICE_MAX_FRAMES_PER_SECOND
+        rate = self._frame_rate
         tokens = min(4.0 * rate, self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         if tokens < 1:
@@ -294,10 +305,16 @@ class VoiceConsumer(AsyncConsumer):
 
     async def _send_text(self, text: str) -> None:
         if not self._ended:
-            await self.base_send({"type": "websocket.send", "text": text})
+            with contextlib.suppress(OSError):  # closed under us: its websocket.disconnect ends the session
+                await self.base_send({"type": "websocket.send", "text": text})
 
-    def _send_text_nowait(self, text: str) -> bool:
-        return not self._ended and self._fastpath["send_text_nowait"](text)  # type: ignore[index]
+    def _stop_fast_path(self) -> None:
+        """Called as the connection ends: from now on every frame takes the ASGI path (and is dropped)."""
+        self._ended = True
+        if self._fastpath is not None:
+            self._fastpath["set_text_handler"](None)
+            if self.session is not None:
+                self.session.send_client_nowait = _never
 
     async def _send_event(self, event: dict[str, Any]) -> None:
         await self._send_text(dump_event(event))
@@ -384,7 +401,7 @@ class VoiceConsumer(AsyncConsumer):
         await self._send_event(refusal.event())
         # The reason is best-effort (some servers drop it); the gateway.error event is the contract.
         await self.base_send({"type": "websocket.close", "code": refusal.close_code, "reason": refusal.message[:120]})
-        self._ended = True
+        self._stop_fast_path()
 
     async def _end(
         self, reason: str, error_code: str | None, message: str, *, error: str = "", close_code: int | None = None
@@ -394,7 +411,7 @@ class VoiceConsumer(AsyncConsumer):
         code = close_code or CLOSE_CODES.get(reason, 4500)
         if error_code:
             await self._send_event({"type": "gateway.error", "code": error_code, "message": message})
-        self._ended = True
+        self._stop_fast_path()
         with contextlib.suppress(Exception):
             await self.base_send({"type": "websocket.close", "code": code, "reason": message[:120]})
         await self._finish(reason, code, error)
@@ -412,7 +429,7 @@ class VoiceConsumer(AsyncConsumer):
         if self._finished or self.session is None:
             return
         self._finished = True
-        self._ended = True
+        self._stop_fast_path()
         session = self.session
         listener = getattr(self, "_control_listener", None)
         if listener is not None and listener is not asyncio.current_task():
@@ -438,7 +455,7 @@ class VoiceConsumer(AsyncConsumer):
             upstream=session.upstream_kind or upstream_kind(), instance=self.instance,
             end_reason=reason, close_code=close_code, error=error, connected_s=connected,
         )
-        await sync_to_async(session_services.voice_session_end, thread_sensitive=False)(record)
+        await run_db_write(session_services.voice_session_end, record)
         metrics.record_session_end(
             outcome=reason, frames_in=session.stats.frames_in, frames_out=session.stats.frames_out,
             bytes_in=session.stats.bytes_in, bytes_out=session.stats.bytes_out, plan=meta.plan,
@@ -452,6 +469,10 @@ class VoiceConsumer(AsyncConsumer):
             session.stats.cost_usd,
         )
         clear_session()
+
+
+def _never(payload: bytes) -> bool:
+    return False
 
 
 def _make_prefetcher() -> Any:

@@ -14,8 +14,10 @@ an Inbox (voice/realtime/inbox.py), whose bypass lets the app relay a frame sync
 reader is parked.
 
 The app reaches the fast path through the ASGI scope extension `FASTPATH_EXTENSION`:
-``set_text_handler(fn)`` installs the bypass (``fn(text) -> bool``: True when the frame was handled),
-``send_text_nowait(text) -> bool`` writes a text frame at once (False: not possible now, use `send`).
+``set_text_handler(fn)`` installs the bypass (``fn(payload: bytes) -> bool``: a text frame's UTF-8
+payload, True when handled; unhandled frames arrive as usual, decoded), and
+``send_text_nowait(payload: bytes) -> bool`` writes a text frame at once (False: use `send`). Payloads
+stay bytes: a relayed frame is never decoded and encoded back.
 Servers without it (daphne, runserver) serve the same app through plain ASGI.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.protocol import OPEN
@@ -38,7 +41,7 @@ _MAX_QUEUED = 64  # stop reading from a client whose frames the app has not take
 
 
 def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented text frame (server to client)."""
+    """An unmasked, unfragmented text frame (server to client); inlined in `send_text_nowait`."""
     size = len(payload)
     if size < 126:
         return bytes((_FIN_TEXT, size)) + payload
@@ -57,6 +60,8 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
         self._pending = b""  # an incomplete frame's bytes
         self._in_fragmented_message = False  # fragments all go to websockets
         self._max_size = config.ws_max_size
+        self._accepted = False
+        self._write_paused = False
 
     # --- handshake -----------------------------------------------------------------------------------
     def handle_connect(self, event: Any) -> None:
@@ -99,13 +104,14 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
             if frame_end > end:
                 break
             if first == _FIN_TEXT and not self._in_fragmented_message:
-                try:
-                    text = apply_mask(data[head + 4:frame_end], data[head:head + 4]).decode()
-                except UnicodeDecodeError:
-                    self._leave_fast(data[pos:])  # websockets closes with 1007
-                    return
-                if not self.close_sent:  # past websocket.close, messages are discarded (as upstream does)
-                    self.queue.offer_text(text)
+                payload = apply_mask(data[head + 4:frame_end], data[head:head + 4])
+                if not self.close_sent and not self.queue.try_bypass(payload):  # past close: discarded
+                    try:
+                        text = payload.decode()
+                    except UnicodeDecodeError:
+                        self._leave_fast(data[pos:])  # websockets closes with 1007
+                        return
+                    self.queue.put_nowait(text)
             elif not self._to_websockets(data[pos:frame_end], first):
                 return
             pos = frame_end
@@ -145,25 +151,42 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
         return message
 
     # --- frames out ----------------------------------------------------------------------------------
-    def _can_send_fast(self) -> bool:
-        return (self.handshake_complete and not self.close_sent and not self.disconnected
-                and self.initial_response is None and self.conn.state is OPEN)
+    def pause_writing(self) -> None:
+        """Called by the transport when its write buffer is full."""
+        self._write_paused = True
+        super().pause_writing()
 
-    def send_text_nowait(self, text: str) -> bool:
-        """Called by the app to write a text frame now; False when the socket is closing or backed up."""
-        if not self._can_send_fast() or not self.writable.is_set():
+    def resume_writing(self) -> None:
+        """Called by the transport when its write buffer drained."""
+        self._write_paused = False
+        super().resume_writing()
+
+    def send_text_nowait(self, payload: bytes) -> bool:
+        """Called by the app to write a text frame (UTF-8 `payload`) now; False when closing or backed up."""
+        # `_accepted`: the handshake is done and no HTTP response replaced it (both final once true).
+        if (not self._accepted or self.close_sent or self.disconnected or self._write_paused
+                or self.conn.state is not OPEN):
             return False
-        self.transport.write(text_frame(text.encode()))
+        size = len(payload)
+        if size < 126:
+            self.transport.write(bytes((_FIN_TEXT, size)) + payload)
+        elif size < 65536:
+            self.transport.write(b"\x81\x7e" + size.to_bytes(2, "big") + payload)
+        else:
+            self.transport.write(b"\x81\x7f" + size.to_bytes(8, "big") + payload)
         return True
 
     async def send(self, message: Any) -> None:
         """Called by the app for every ASGI send."""
-        if message["type"] == "websocket.send" and message.get("text") is not None and self._can_send_fast():
-            self.transport.write(text_frame(message["text"].encode()))
-            if not self.writable.is_set():  # the client reads slower than we write: wait for it
-                await self.writable.wait()
-            return
+        if message["type"] == "websocket.send" and self.handshake_complete and self.initial_response is None:
+            if self.close_sent or self.disconnected:
+                raise ClientDisconnected()  # ASGI: an OSError, which the app expects once the socket is gone
+            if message.get("text") is not None and self.conn.state is OPEN:
+                self.transport.write(text_frame(message["text"].encode()))
+                if not self.writable.is_set():  # the client reads slower than we write: wait for it
+                    await self.writable.wait()
+                return
         await super().send(message)
-        if (message["type"] == "websocket.accept" and self.handshake_complete and not self.close_sent
-                and not self.conn.reader.buffer):
-            self._fast = True
+        if message["type"] == "websocket.accept" and self.handshake_complete and not self.close_sent:
+            self._accepted = True
+            self._fast = not self.conn.reader.buffer

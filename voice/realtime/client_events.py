@@ -31,11 +31,13 @@ _APPEND_KEYS = frozenset({"type", "event_id", "audio"})
 _RESPONSE_OVERRIDES = frozenset({"instructions", "tools", "tool_choice", "prompt", "model", "voice", "audio"})
 
 
-# The canonical audio append, as the browser client and most SDKs write it: recognised without a JSON parse.
+# The canonical audio append, as the browser client and most SDKs write it: recognised on the frame's
+# raw bytes, without decoding it or parsing JSON. ASCII only (event ids included): always valid UTF-8.
 _APPEND_HEAD = re.compile(
-    r'\{"type":"input_audio_buffer\.append",(?:"event_id":"[^"\\\x00-\x1f]{0,' + str(MAX_ID_CHARS) + r'}",)?"audio":"'
+    rb'\{"type":"input_audio_buffer\.append",(?:"event_id":"[\x20\x21\x23-\x5b\x5d-\x7e]{0,'
+    + str(MAX_ID_CHARS).encode() + rb'}",)?"audio":"'
 )
-_APPEND_TAIL = '"}'
+_APPEND_TAIL = b'"}'
 # base64 alphabet bytes map to themselves, everything else (padding included) to NUL.
 _B64_ONLY = bytes(
     b if b in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/" else 0 for b in range(256)
@@ -87,24 +89,22 @@ def _short_id(value: Any, *, required: bool) -> str | None:
     return value
 
 
-def fast_append_audio_bytes(text: str) -> int:
-    """Called for every client frame on the hot path: the pcm16 byte count when `text` is exactly an
-    `input_audio_buffer.append` in canonical form (keys type[, event_id], audio; strict base64 of whole
-    samples), which may be forwarded verbatim; -1 for anything else (then `parse_client_frame` decides).
-    About 4x cheaper than a JSON parse plus a strict base64 decode, on ~2.6 KB per 40 ms frame."""
-    head = _APPEND_HEAD.match(text)
-    if head is None or not text.endswith(_APPEND_TAIL):
+def fast_append_audio_bytes(payload: bytes) -> int:
+    """Called for every client frame on the hot path with its raw UTF-8: the pcm16 byte count when it is
+    exactly an `input_audio_buffer.append` in canonical form (keys type[, event_id], audio; ASCII; strict
+    base64 of whole samples), which may be forwarded verbatim; -1 for anything else (then
+    `parse_client_frame` decides). About 5x cheaper than decoding, a JSON parse and a strict base64
+    decode, on ~2.6 KB per 40 ms frame."""
+    head = _APPEND_HEAD.match(payload)
+    if head is None or not payload.endswith(_APPEND_TAIL):
         return -1
-    audio = text[head.end():-2]
-    if not audio.isascii():
-        return -1
-    raw = audio.encode()
-    size = len(raw)
+    audio = payload[head.end():-2]
+    size = len(audio)
     if size % 4:
         return -1
-    pad = 2 if raw.endswith(b"==") else 1 if raw.endswith(b"=") else 0
-    if raw.translate(_B64_ONLY).find(0) != (size - pad if pad else -1):
-        return -1  # a character outside the alphabet, or padding before the end
+    pad = 2 if audio.endswith(b"==") else 1 if audio.endswith(b"=") else 0
+    if audio.translate(_B64_ONLY).find(0) != (size - pad if pad else -1):
+        return -1  # a byte outside the alphabet, or padding before the end
     decoded = size // 4 * 3 - pad
     return -1 if decoded % 2 else decoded
 

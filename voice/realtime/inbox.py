@@ -4,7 +4,8 @@ Every audio frame would otherwise cost a queue put, a task wake-up and an await 
 direction. A reader that is parked on an empty inbox has nothing in flight, so a frame offered to its
 *bypass handler* at that moment cannot overtake anything: the handler relays it synchronously (inside
 the socket callback that parsed it) or declines, and a declined frame is queued as usual. Order is kept
-because the bypass is only tried while the reader is parked and the queue is empty.
+because the bypass is only tried while the reader is parked and the queue is empty. The bypass sees the
+raw UTF-8 payload, so a relayed frame is never decoded to str and encoded back.
 
 Used by the voice server protocol (client frames, voice/server_ws.py) and the OpenAI upstream
 (server events, voice/realtime/openai_upstream.py). Its interface is the part of asyncio.Queue that
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-BypassHandler = Callable[[str], bool]
+BypassHandler = Callable[[bytes], bool]  # gets a message's UTF-8 payload; True when it handled it
 
 
 class Inbox:
@@ -31,12 +32,11 @@ class Inbox:
         self._waiter: asyncio.Future[Any] | None = None
         self.bypass: BypassHandler | None = None
 
-    def offer_text(self, text: str) -> None:
-        """Called by the socket callback for each text message: bypass when the reader is parked, else queue."""
+    def try_bypass(self, payload: bytes) -> bool:
+        """Called by the socket callback for each text message's raw payload: True when the bypass handled
+        it (only ever while the reader is parked on an empty queue); False: decode it and `put_nowait`."""
         bypass, waiter = self.bypass, self._waiter
-        if bypass is not None and waiter is not None and not waiter.done() and bypass(text):
-            return
-        self.put_nowait(text)
+        return bypass is not None and waiter is not None and not waiter.done() and bypass(payload)
 
     def put_nowait(self, item: Any) -> None:
         """Called to queue an item (a message, or a text the bypass declined) for the reader."""

@@ -24,6 +24,7 @@ logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connectio
 _FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _KEEPALIVE_SECONDS = 20.0
+_TEXT = WSMsgType.TEXT
 
 
 def upstream_url() -> str:
@@ -45,8 +46,10 @@ class _Listener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Called by picows for every frame received."""
         msg_type = frame.msg_type
-        if msg_type is WSMsgType.TEXT and frame.fin:
-            self.inbox.offer_text(frame.get_payload_as_utf8_text())
+        if msg_type is _TEXT and frame.fin:
+            payload = frame.get_payload_as_bytes()
+            if not self.inbox.try_bypass(payload):
+                self.inbox.put_nowait(payload.decode("utf-8", errors="replace"))
         elif msg_type is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()  # read raw: codes like 4000 are not in picows' enum
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
@@ -57,7 +60,7 @@ class _Listener(WSListener):
             self._fragments.append(frame.get_payload_as_bytes())
             if frame.fin:
                 data, self._fragments = b"".join(self._fragments), []
-                self.inbox.offer_text(data.decode("utf-8", errors="replace"))
+                self.inbox.put_nowait(data.decode("utf-8", errors="replace"))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Called by picows once the socket is gone (after a close handshake or not)."""
@@ -100,6 +103,7 @@ class OpenAIUpstream(Upstream):
                         websocket_handshake_timeout=timeout,
                         max_frame_size=_MAX_MESSAGE_BYTES,
                         max_redirects=0,
+                        use_aiofastnet=__import__("os").environ.get("XAFN", "1") == "1",
                         enable_auto_ping=True,
                         auto_ping_idle_timeout=_KEEPALIVE_SECONDS,
                         auto_ping_reply_timeout=_KEEPALIVE_SECONDS,
@@ -128,15 +132,15 @@ class OpenAIUpstream(Upstream):
             self.writable.set()  # wake senders: they raise
 
     def set_text_handler(self, handler: BypassHandler | None) -> None:
-        """Called by the session: relay server events synchronously while its reader is parked."""
+        """Called by the session: relay server events (raw UTF-8) synchronously while its reader is parked."""
         self.inbox.bypass = handler
 
-    def send_nowait(self, text: str) -> bool:
+    def send_nowait(self, payload: bytes) -> bool:
         """Called on the hot path: write now, or False (closed or backed up: use `send`)."""
         transport = self._transport
         if self._closed is not None or transport is None or not self.writable.is_set():
             return False
-        transport.send(WSMsgType.TEXT, text.encode())
+        transport.send(_TEXT, payload)
         return True
 
     async def send(self, text: str) -> None:

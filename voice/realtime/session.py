@@ -51,7 +51,7 @@ class GatewaySession(UpstreamEventHandlers):
         session_id: str,
         send_client: Callable[[str], Awaitable[None]],
         listener: SessionListener,
-        send_client_nowait: Callable[[str], bool] | None = None,
+        send_client_nowait: Callable[[bytes], bool] | None = None,
         upstream_factory: Callable[[], Upstream],
         prefetcher: Any = None,
         early: Any = None,
@@ -154,10 +154,10 @@ class GatewaySession(UpstreamEventHandlers):
         await self.send_client(dump_event(event))
 
     # --- client → upstream -------------------------------------------------------------------------
-    def relay_audio_nowait(self, text: str, audio_bytes: int) -> bool:
-        """Called by the consumer's fast path with a canonical audio append: True when forwarded now."""
+    def relay_audio_nowait(self, payload: bytes, audio_bytes: int) -> bool:
+        """Called by the consumer's fast path with a canonical audio append (raw): True when forwarded now."""
         upstream = self.upstream
-        if not self.configured or self.early is not None or upstream is None or not upstream.send_nowait(text):
+        if not self.configured or self.early is not None or upstream is None or not upstream.send_nowait(payload):
             return False
         self.stats.bytes_in += audio_bytes
         return True

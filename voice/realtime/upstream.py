@@ -45,13 +45,14 @@ class Upstream(abc.ABC):
     async def send(self, text: str) -> None:
         """Called for every client event to forward (JSON text); raises UpstreamClosed."""
 
-    def send_nowait(self, text: str) -> bool:
-        """Called on the hot path: forward at once and return True, or False to have `send` awaited."""
+    def send_nowait(self, payload: bytes) -> bool:
+        """Called on the hot path with a client event's UTF-8 JSON: forward it at once and return True, or
+        return False to have `send` awaited. Upstreams without a fast path always return False."""
         return False
 
-    def set_text_handler(self, handler: Callable[[str], bool] | None) -> None:
-        """Called by the session: offer server events to `handler` synchronously while its reader is
-        parked (it returns True when it relayed the event). Upstreams without a fast path ignore it."""
+    def set_text_handler(self, handler: Callable[[bytes], bool] | None) -> None:
+        """Called by the session: offer each server event's raw UTF-8 to `handler` synchronously while the
+        reader is parked (it returns True when it relayed the event). Upstreams without a fast path ignore it."""
         return None
 
     @abc.abstractmethod

@@ -34,25 +34,38 @@ _DELTA_TYPES = frozenset(
     {"response.output_audio.delta", "response.output_audio_transcript.delta", "response.output_text.delta"}
 )
 _HISTORY_CHARS = 6000
-_AUDIO_DELTA_HEAD = re.compile(r'\{"type": ?"response\.output_audio\.delta"')
-_DELTA_IDS = re.compile(r'"(response_id|item_id)": ?"([^"\\]*)"')
+_AUDIO_DELTA_HEAD = re.compile(rb'\{"type": ?"response\.output_audio\.delta"')
+# OpenAI's own field order, read in one match; other orders and spacings fall back to _DELTA_IDS.
+_OPENAI_DELTA_HEAD = re.compile(
+    rb'\{"type":"response\.output_audio\.delta","event_id":"[^"\\]*","response_id":"([^"\\]*)",'
+    rb'"item_id":"([^"\\]*)",'
+)
+_DELTA_IDS = re.compile(rb'"(response_id|item_id)": ?"([^"\\]*)"')
 
 
-def audio_delta_fields(text: str) -> tuple[str, str, int] | None:
-    """(response_id, item_id, pcm bytes) of a `response.output_audio.delta` whose delta is its last field,
-    read without parsing the (12.8 KB for 200 ms) JSON; None when `text` is anything else."""
-    if _AUDIO_DELTA_HEAD.match(text) is None or not text.endswith('"}'):
+def audio_delta_fields(payload: bytes) -> tuple[str, str, int] | None:
+    """(response_id, item_id, pcm bytes) of a `response.output_audio.delta` (raw UTF-8) whose delta is its
+    last field and which is all ASCII, read without decoding or parsing the JSON (12.8 KB for 200 ms of
+    audio); None for anything else."""
+    if not payload.endswith(b'"}') or not payload.isascii():
         return None
-    at = text.rfind('"delta":')
+    openai = _OPENAI_DELTA_HEAD.match(payload)
+    if openai is None and _AUDIO_DELTA_HEAD.match(payload) is None:
+        return None
+    at = payload.rfind(b'"delta":')
     if at < 0:
         return None
-    quote = at + 8 + (text[at + 8] == " ")
-    if text[quote] != '"' or text.find('"', quote + 1, len(text) - 2) >= 0:
+    quote = at + 8 + (payload[at + 8] == 0x20)
+    if payload[quote] != 0x22 or payload.find(b'"', quote + 1, len(payload) - 2) >= 0:
         return None
-    ids = dict(_DELTA_IDS.findall(text, 0, at))
-    b64_chars = len(text) - 2 - (quote + 1)
-    pad = 2 if text.endswith('=="}') else 1 if text.endswith('="}') else 0
-    return ids.get("response_id", ""), ids.get("item_id", ""), b64_chars * 3 // 4 - pad
+    if openai is not None:
+        response_id, item_id = openai.group(1).decode(), openai.group(2).decode()
+    else:
+        ids = {key.decode(): value.decode() for key, value in _DELTA_IDS.findall(payload, 0, at)}
+        response_id, item_id = ids.get("response_id", ""), ids.get("item_id", "")
+    b64_chars = len(payload) - 2 - (quote + 1)
+    pad = 2 if payload.endswith(b'=="}') else 1 if payload.endswith(b'="}') else 0
+    return response_id, item_id, b64_chars * 3 // 4 - pad
 
 
 class UpstreamEventHandlers:
@@ -77,16 +90,16 @@ class UpstreamEventHandlers:
             if not self.closing:
                 await self.listener.session_failed("internal_error", "internal_error", "Internal error")
 
-    def _relay_upstream_nowait(self, text: str) -> bool:
-        """Called by the upstream for each server event while the reader is parked: relays an audio delta
-        to the client synchronously (True); anything else goes through `_on_upstream_text` (False)."""
-        fields = audio_delta_fields(text)
-        if fields is None or fields[0] in self.cancelled_responses or not self.send_client_nowait(text):
+    def _relay_upstream_nowait(self, payload: bytes) -> bool:
+        """Called by the upstream for each server event (raw UTF-8) while the reader is parked: relays an
+        audio delta to the client synchronously (True); anything else goes through `_on_upstream_text`."""
+        fields = audio_delta_fields(payload)
+        if fields is None or fields[0] in self.cancelled_responses or not self.send_client_nowait(payload):
             return False
         self.last_upstream_event = time.monotonic()
         self._account_audio_delta(fields[1], fields[2])
         self.stats.frames_out += 1
-        self.stats.bytes_out += len(text)
+        self.stats.bytes_out += len(payload)
         return True
 
     async def _on_upstream_text(self, text: str) -> None:
@@ -117,13 +130,15 @@ class UpstreamEventHandlers:
 
     async def _on_session_updated(self, event: dict[str, Any]) -> dict[str, Any] | bool:
         first = not self.configured
-        self.configured = True
         if first:
             if self.history:
                 await self._replay_history()
-            queued, self._queue, self._queued_bytes = self._queue, [], 0
-            for text in queued:
-                await self._forward(text)
+            # Until `configured`, client frames (fast path included) join the queue: none overtakes it.
+            while self._queue:
+                queued, self._queue, self._queued_bytes = self._queue, [], 0
+                for text in queued:
+                    await self._forward(text)
+            self.configured = True
             if not self._ready_announced:
                 self._ready_announced = True
                 await self.listener.session_ready()

@@ -1,9 +1,15 @@
-"""A dedicated database thread for the latency-critical lookups of the access decision.
+"""Dedicated database threads: one for the latency-critical lookups of the access decision, one for the
+session rows written at the start and end of every connection.
 
 Under ASGI, Django's advice is CONN_MAX_AGE=0: request threads come and go, so each sync_to_async call
 opens and closes its own connection. For the access decision that connect/close is most of its cost
-(bench/access.py: 72 % on SQLite; worse on PostgreSQL). This one long-lived worker thread keeps its
+(bench/access.py: 72 % on SQLite; worse on PostgreSQL). Each long-lived worker thread keeps its
 connection between calls instead, reconnecting once when the database dropped it.
+
+Session rows get their own single writer: when a hundred sessions end at once (a network blip, a load
+test), a pool of threads fought over SQLite's write lock (busy-wait back-offs) and over the GIL with the
+event loop for seconds, stalling every live session's audio (bench/relay.py); one writer drains the same
+burst in order, and access lookups never queue behind it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from django.db import InterfaceError, OperationalError, connections
 T = TypeVar("T")
 # One worker: its thread-local connection stays open; a lookup takes well under a millisecond.
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voice-db")
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voice-db-writer")
 
 
 def _call(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -27,6 +34,11 @@ def _call(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     except (InterfaceError, OperationalError):
         connections.close_all()  # the server closed it (restart, idle timeout): reconnect once
         return fn(*args, **kwargs)
+    finally:
+        # A function that handled a database error itself (the session-end spool) leaves a broken
+        # connection behind: drop it so the next call reconnects.
+        if any(conn.errors_occurred for conn in connections.all(initialized_only=True)):
+            connections.close_all()
 
 
 async def run_db(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -35,6 +47,13 @@ async def run_db(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     return await loop.run_in_executor(_executor, functools.partial(_call, fn, *args, **kwargs))
 
 
+async def run_db_write(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Run a session-row write on the writer thread (called at the start and end of every connection)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_writer, functools.partial(_call, fn, *args, **kwargs))
+
+
 def close_db_thread_connections() -> None:
-    """Close the database thread's connection (tests before dropping the database; shutdown)."""
+    """Close the database threads' connections (tests before dropping the database; shutdown)."""
     _executor.submit(connections.close_all).result(10)
+    _writer.submit(connections.close_all).result(10)

@@ -11,6 +11,7 @@ process), and engaging the kill switch also broadcasts `session.terminate` on th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
@@ -57,24 +58,42 @@ def rollout_read() -> RolloutSnapshot:
 
 
 _cache: RolloutSnapshot | None = None
+# The read in flight, per event loop: every session's tick shares it (single flight). Without it, all
+# the ticks of the moment the cache expires each queued a read on the one DB thread, and under load the
+# queue outgrew a second, so the next expiry found it longer still.
+_reads: dict[asyncio.AbstractEventLoop, asyncio.Task[RolloutSnapshot]] = {}
+_generation = 0  # bumped by rollout_cache_clear: a read started before a change does not refill the cache
 
 
-async def rollout_snapshot() -> RolloutSnapshot:
-    """The rollout as seen by this process, at most CACHE_SECONDS old (called per connection/tick)."""
+async def _read_into_cache(generation: int) -> RolloutSnapshot:
     global _cache
-    snapshot = _cache
-    if snapshot is None or time.monotonic() - snapshot.read_at > CACHE_SECONDS:
-        from voice.services.db import run_db
+    from voice.services.db import run_db
 
-        snapshot = await run_db(rollout_read)
+    snapshot = await run_db(rollout_read)
+    if generation == _generation:
         _cache = snapshot
     return snapshot
 
 
+async def rollout_snapshot() -> RolloutSnapshot:
+    """The rollout as seen by this process, at most CACHE_SECONDS old (called per connection/tick)."""
+    snapshot = _cache
+    if snapshot is not None and time.monotonic() - snapshot.read_at <= CACHE_SECONDS:
+        return snapshot
+    loop = asyncio.get_running_loop()
+    read = _reads.get(loop)
+    if read is None:
+        read = _reads[loop] = loop.create_task(_read_into_cache(_generation))
+        read.add_done_callback(lambda done: _reads.pop(loop, None) if _reads.get(loop) is done else None)
+    return await asyncio.shield(read)
+
+
 def rollout_cache_clear() -> None:
     """Drop the cached snapshot (called after a local change, and by tests)."""
-    global _cache
+    global _cache, _generation
     _cache = None
+    _generation += 1
+    _reads.clear()
 
 
 def rollout_update(

@@ -21,7 +21,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core import signing
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
 from django.db.models import F, Q
 
 from voice.models import VoiceSession, VoiceTurn
@@ -121,11 +121,16 @@ def voice_session_end(record: dict[str, Any]) -> None:
     """Add one connection's counters and turns to the session row; spool when the DB fails (sync)."""
     close_old_connections()
     try:
-        _write_record(record)
-        flush_spool()
-    except DatabaseError:
-        logger.exception("database unavailable at session end; metrics spooled")
-        spool_record(record)
+        try:
+            _write_record(record)
+        except DatabaseError:
+            logger.exception("database unavailable at session end; metrics spooled")
+            spool_record(record)
+            return
+        try:
+            flush_spool()  # the database answers again: replay what an outage left behind
+        except DatabaseError:
+            logger.warning("spooled session records not replayed yet (database error)")
     finally:
         close_old_connections()
 
@@ -195,13 +200,26 @@ def spool_record(record: dict[str, Any]) -> Path:
 
 
 def flush_spool() -> int:
-    """Replay spooled records (after each successful write, and `voice_sessions --flush-spool`)."""
+    """Replay spooled records (after each successful write, and `voice_sessions --flush-spool`).
+
+    A record the database refuses for good (its user was deleted, a corrupt file) moves to
+    `rejected/` beside the spool and is logged: left in place, it would block every later replay and be
+    retried at every session end. Any other database error stops the replay (raised): still down.
+    """
     spool = Path(settings.METRICS_SPOOL_DIR)
     if not spool.is_dir():
         return 0
     flushed = 0
     for path in sorted(spool.glob("*.json")):
-        _write_record(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            _write_record(json.loads(path.read_text(encoding="utf-8")))
+        except (IntegrityError, DataError, ValueError, KeyError, TypeError) as exc:
+            rejected = spool / "rejected"
+            rejected.mkdir(exist_ok=True)
+            os.replace(path, rejected / path.name)
+            logger.error("spooled session record %s rejected (%s); moved to %s", path.name,
+                         type(exc).__name__, rejected)
+            continue
         path.unlink()
         flushed += 1
     if flushed:

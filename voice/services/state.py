@@ -23,6 +23,7 @@ from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from voice.logging import mask_url_password
 
@@ -82,13 +83,21 @@ class SharedState:
         self.client: aioredis.Redis | None = None
         self.redis_limiter: MovingWindowRateLimiter | None = None
         if enabled:
-            self.client = aioredis.Redis.from_url(
+            # A bounded pool: a burst of session ends (hundreds of slot releases at once) would otherwise
+            # open as many connections, each costing several round trips of set-up on the event loop. A
+            # wait for a free connection longer than REDIS_POOL_TIMEOUT counts as an outage (fallback).
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=settings.REDIS_MAX_CONNECTIONS,
+                timeout=settings.REDIS_POOL_TIMEOUT,
                 socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
                 socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
                 retry_on_timeout=False,
                 decode_responses=True,
+                # Cluster maintenance notifications (Redis Enterprise/Cloud) cost a round trip per connection.
+                maint_notifications_config=MaintNotificationsConfig(enabled=False),
             )
+            self.client = aioredis.Redis.from_pool(pool)
             storage = RedisStorage(
                 "async+" + url,
                 implementation="redispy",

@@ -1,0 +1,138 @@
+"""The hot path's shortcuts agree with the slow path they bypass: appends, audio deltas, the Inbox."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from voice.realtime.client_events import ClientEventError, fast_append_audio_bytes, parse_client_frame
+from voice.realtime.inbox import Inbox
+from voice.realtime.upstream_events import audio_delta_fields
+
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def _append(audio: str, event_id: str | None = None) -> str:
+    head = '{"type":"input_audio_buffer.append",'
+    if event_id is not None:
+        head += f'"event_id":{json.dumps(event_id, ensure_ascii=False)},'
+    return head + f'"audio":{json.dumps(audio, ensure_ascii=False)}' + "}"
+
+
+def fast(text: str) -> int:
+    return fast_append_audio_bytes(text.encode())
+
+
+def test_canonical_appends_are_recognised() -> None:
+    audio = base64.b64encode(bytes(1920)).decode()
+    assert fast(_append(audio)) == 1920
+    assert fast(_append(audio, "b_1_2")) == 1920
+    assert fast(_append(base64.b64encode(b"ab").decode())) == 2  # one '=' of padding
+    assert fast(_append("")) == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _append("AB=A"), _append("A==="), _append("ABC"), _append("AB=="),  # bad padding; an odd byte count
+        _append("AAA\u00e9"), _append("AA AA"), _append("AA\\nA"),  # outside the alphabet, escapes
+        '{"type":"input_audio_buffer.append","audio":"AAAA","extra":1}',  # another key: the slow path
+        '{"audio":"AAAA","type":"input_audio_buffer.append"}',  # another order: the slow path
+        '{"type": "input_audio_buffer.append", "audio": "AAAA"}',  # other spacing: the slow path
+        _append("AAAA", "x" * 65), _append("AAAA", 'a"b'), _append("AAAA", "a\nb"), _append("AAAA", "é"),
+        '{"type":"input_audio_buffer.append","audio":"AAAA"} ',
+    ],
+)
+def test_anything_else_takes_the_slow_path(text: str) -> None:
+    assert fast(text) == -1
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    audio=st.one_of(st.text(alphabet=B64, max_size=40), st.text(max_size=20),
+                    st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode())),
+    event_id=st.one_of(st.none(), st.text(max_size=70)),
+)
+def test_fast_verdict_never_admits_what_the_parser_refuses(audio: str, event_id: str | None) -> None:
+    """Whatever the fast check accepts, the full validator accepts verbatim with the same size."""
+    text = _append(audio, event_id)
+    size = fast(text)
+    if size < 0:
+        return
+    event = parse_client_frame(text)
+    assert event.type == "input_audio_buffer.append" and event.text == text and event.audio_bytes == size
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=120))
+def test_fast_check_on_arbitrary_text(text: str) -> None:
+    size = fast(text)
+    if size >= 0:
+        assert parse_client_frame(text).audio_bytes == size
+    else:
+        try:
+            parse_client_frame(text)
+        except ClientEventError:
+            pass
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+@pytest.mark.parametrize("pcm", [b"", b"\x01\x02", bytes(4800), bytes(4801)])
+def test_audio_delta_fields_match_the_parsed_event(separators: tuple[str, str], pcm: bytes) -> None:
+    event = {"type": "response.output_audio.delta", "event_id": "event_1", "response_id": "resp_1",
+             "item_id": "item_1", "output_index": 0, "content_index": 0, "delta": base64.b64encode(pcm).decode()}
+    assert audio_delta_fields(json.dumps(event, separators=separators).encode()) == ("resp_1", "item_1", len(pcm))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"response.output_audio.delta","response_id":"r","item_id":"i","delta":"AAAA","x":"y"}',
+        '{"type":"response.output_text.delta","response_id":"r","item_id":"i","delta":"AAAA"}',
+        '{"response_id":"r","type":"response.output_audio.delta","delta":"AAAA"}',
+        '{"type":"response.output_audio.delta","response_id":"r","item_id":"i"}',
+        '{"type":"response.output_audio.delta","response_id":"ré","item_id":"i","delta":"AAAA"}',
+    ],
+)
+def test_audio_delta_fields_refuse_other_shapes(text: str) -> None:
+    assert audio_delta_fields(text.encode()) is None
+
+
+async def test_inbox_bypass_only_while_the_reader_is_parked() -> None:
+    inbox = Inbox()
+    taken: list[bytes] = []
+    inbox.bypass = lambda payload: payload.startswith(b"fast") and not taken.append(payload)
+
+    def offer(payload: bytes) -> None:  # what the socket callbacks do
+        if not inbox.try_bypass(payload):
+            inbox.put_nowait(payload.decode())
+
+    offer(b"fast-before-anyone-waits")  # no reader parked: queued
+    assert inbox.qsize() == 1 and taken == []
+    assert await inbox.get() == "fast-before-anyone-waits"
+
+    reader = asyncio.get_running_loop().create_task(inbox.get())
+    await asyncio.sleep(0)
+    assert inbox.parked
+    offer(b"fast-1")  # parked and empty: bypassed
+    assert taken == [b"fast-1"] and inbox.parked
+    offer(b"slow-1")  # declined: wakes the reader
+    offer(b"fast-2")  # the reader has not run yet: queued behind slow-1, not bypassed
+    assert await reader == "slow-1"
+    assert await inbox.get() == "fast-2" and taken == [b"fast-1"]
+
+
+async def test_inbox_keeps_an_item_delivered_to_a_cancelled_reader() -> None:
+    inbox = Inbox()
+    reader = asyncio.get_running_loop().create_task(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait("item")
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert await inbox.get() == "item"
