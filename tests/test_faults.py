@@ -222,3 +222,56 @@ def test_database_unavailable_at_session_end_spools_then_replays(db, monkeypatch
     row = VoiceSession.objects.get(pk=meta.session_id)
     assert row.frames_in == 10 and row.turn_set.count() == 1
     assert not list(__import__("pathlib").Path(settings.METRICS_SPOOL_DIR).glob("*.json"))
+
+
+def _end_record(session_id: str, *, user_pk: int | None = None, frames_in: int = 10) -> dict:
+    from voice.realtime.accounting import SessionStats
+    from voice.services import sessions
+
+    meta = sessions.SessionMeta(session_id=session_id, user_id="spool-user", plan="elite", cohort="beta",
+                                started_at=time.time(), max_duration_s=600)
+    return sessions.session_end_record(
+        meta=meta, stats=SessionStats(frames_in=frames_in), user_pk=user_pk, upstream="local", instance="t",
+        end_reason="client_closed", close_code=1000, error="", connected_s=3.0)
+
+
+def test_a_poison_spool_record_is_set_aside_and_never_double_counts(db, settings) -> None:
+    """A spooled record the database refuses for good (its user is gone) must neither block the replay of
+    the others nor make a later session's own, already written, record be spooled again (counted twice)."""
+    import uuid
+    from pathlib import Path
+
+    from voice.services import sessions
+
+    spool = Path(settings.METRICS_SPOOL_DIR)
+    poison = sessions.spool_record(_end_record(str(uuid.uuid4()), user_pk=987654321))  # no such user
+    good_id = str(uuid.uuid4())
+    sessions.spool_record(_end_record(good_id, frames_in=7))
+    live_id = str(uuid.uuid4())
+    sessions.voice_session_end(_end_record(live_id, frames_in=5))  # written, then the spool replays
+    assert VoiceSession.objects.get(pk=live_id).frames_in == 5
+    assert VoiceSession.objects.get(pk=good_id).frames_in == 7
+    assert not list(spool.glob("*.json"))  # nothing left to retry at every session end
+    assert [p.name for p in (spool / "rejected").iterdir()] == [poison.name]
+    sessions.voice_session_end(_end_record(str(uuid.uuid4())))
+    assert VoiceSession.objects.get(pk=live_id).frames_in == 5  # never re-spooled, never counted twice
+
+
+async def test_rollout_reads_are_single_flight(db, monkeypatch) -> None:
+    """A thousand ticks finding the cache stale share one database read."""
+    from voice.services import rollout
+
+    reads = []
+    real = rollout.rollout_read
+    monkeypatch.setattr(rollout, "rollout_read", lambda: reads.append(1) or real())
+    rollout.rollout_cache_clear()
+    snapshots = await asyncio.gather(*(rollout.rollout_snapshot() for _ in range(1000)))
+    assert len(reads) == 1 and len({id(s) for s in snapshots}) == 1
+
+
+def test_redis_client_version_lookup_is_cached() -> None:
+    """redis-py parses its package metadata per new connection unless cached (voice/apps.py)."""
+    import redis.utils
+
+    assert redis.utils.get_lib_version() == redis.utils.get_lib_version()
+    assert redis.utils.get_lib_version.cache_info().hits >= 1

@@ -104,7 +104,7 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
             if frame_end > end:
                 break
             if first == _FIN_TEXT and not self._in_fragmented_message:
-                payload = apply_mask(data[head + 4:frame_end], data[head:head + 4])
+                payload = apply_mask(memoryview(data)[head + 4:frame_end], data[head:head + 4])  # one copy
                 if not self.close_sent and not self.queue.try_bypass(payload):  # past close: discarded
                     try:
                         text = payload.decode()
