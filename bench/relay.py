@@ -103,6 +103,17 @@ def _event_id() -> str:
 _APPEND_PREFIX = b'{"type":"input_audio_buffer.append","event_id":"'
 
 
+def _is_text(transport: Any, frame: Any) -> bool:
+    """A picows frame to read (text); a close is answered and ends the connection, other frames ignored."""
+    from picows import WSMsgType
+
+    if frame.msg_type is WSMsgType.CLOSE:
+        transport.send_close(frame.get_close_code())
+        transport.disconnect()
+        return False
+    return frame.msg_type is WSMsgType.TEXT
+
+
 def _echo_listener(bursts: bool) -> Any:
     from picows import WSListener, WSMsgType
 
@@ -124,11 +135,7 @@ def _echo_listener(bursts: bool) -> Any:
                 self.transport.send(WSMsgType.TEXT, text.encode())
 
         def on_ws_frame(self, transport: Any, frame: Any) -> None:
-            if frame.msg_type is WSMsgType.CLOSE:
-                transport.send_close(frame.get_close_code())
-                transport.disconnect()
-                return
-            if frame.msg_type is not WSMsgType.TEXT:
+            if not _is_text(transport, frame):
                 return
             message = frame.get_payload_as_bytes()
             if message.startswith(_APPEND_PREFIX):
@@ -224,11 +231,7 @@ def _client_listener(want: str, st: dict[str, Any], sent_measured: set[int], i: 
             self.last = -1
 
         def on_ws_frame(self, transport: Any, frame: Any) -> None:
-            if frame.msg_type is WSMsgType.CLOSE:
-                transport.send_close(frame.get_close_code())
-                transport.disconnect()
-                return
-            if frame.msg_type is not WSMsgType.TEXT:
+            if not _is_text(transport, frame):
                 return
             now = time.monotonic_ns()
             message = frame.get_payload_as_bytes()
@@ -441,7 +444,7 @@ def start_targets(targets: list[str], upstream_url: str, server_cpu: int | None,
     # Every feature on: JWT admission, Redis state and channel layer, Option B retrieval (local index; the
     # echo upstream sends no transcripts, so it never queries), metrics, and Sentry (a DSN nobody answers).
     gw_env = bench_env(db, VOICE_UPSTREAM="openai", OPENAI_REALTIME_URL=upstream_url, OPENAI_API_KEY="bench",
-                       RAG_BACKEND="local", SENTRY_DSN="http://bench@127.0.0.1:9/1")
+                       RAG_BACKEND="local", SENTRY_DSN=os.environ.get("BENCH_SENTRY_DSN", "http://bench@127.0.0.1:9/1"))
     for target in targets:
         if target == "direct":
             continue

@@ -136,3 +136,28 @@ async def test_inbox_keeps_an_item_delivered_to_a_cancelled_reader() -> None:
     with pytest.raises(asyncio.CancelledError):
         await reader
     assert await inbox.get() == "item"
+
+
+def test_session_fast_relay_counts_and_skips_cancelled_responses() -> None:
+    from voice.realtime.session import GatewaySession
+
+    relayed: list[bytes] = []
+    session = GatewaySession(session_id="s", send_client=None, listener=None, upstream_factory=None,  # type: ignore[arg-type]
+                             send_client_nowait=lambda payload: relayed.append(payload) or True)
+
+    def delta(response_id: str, pcm: bytes) -> bytes:
+        return json.dumps({"type": "response.output_audio.delta", "event_id": "e", "response_id": response_id,
+                           "item_id": "item_1", "output_index": 0, "content_index": 0,
+                           "delta": base64.b64encode(pcm).decode()}, separators=(",", ":")).encode()
+
+    session.cancelled_responses.add("resp_cancelled")
+    assert not session._relay_upstream_nowait(delta("resp_cancelled", bytes(960)))  # the slow path drops it
+    assert session._relay_upstream_nowait(delta("resp_live", bytes(960)))
+    assert session._relay_upstream_nowait(delta("resp_live", bytes(480)))
+    assert not session._relay_upstream_nowait(b'{"type":"response.done","response":{}}')  # not a delta
+    assert len(relayed) == 2 and session.stats.frames_out == 2
+    assert session.assistant_audio["item_1"] == 1440  # truncation bound: bytes actually sent
+
+    session.send_client_nowait = lambda payload: False  # the socket is backed up or closing
+    assert not session._relay_upstream_nowait(delta("resp_live", bytes(480)))
+    assert session.stats.frames_out == 2 and session.assistant_audio["item_1"] == 1440  # counted once, later

@@ -41,3 +41,31 @@ async def test_url_auth_and_close(engine, settings) -> None:
     await upstream.close()
     with pytest.raises(UpstreamClosed):
         await upstream.send("{}")
+
+
+async def test_a_slow_reader_stops_the_socket_not_the_memory(settings) -> None:
+    """Events the session has not taken yet stay bounded: past 64, the upstream socket stops being read
+    (TCP pushes back to the sender); reading resumes as the session catches up, nothing lost or reordered."""
+    from websockets.asyncio.server import serve
+
+    settings.VOICE_UPSTREAM_CONNECT_TIMEOUT = 5
+    total = 20000  # 40 MB: far more than socket buffers hold
+    filler = "x" * 2000
+
+    async def flood(ws) -> None:
+        for i in range(total):
+            await ws.send(json.dumps({"type": "response.output_text.delta", "seq": i, "delta": filler}))
+        await asyncio.sleep(5)
+
+    async with serve(flood, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        upstream = OpenAIUpstream(url=f"ws://127.0.0.1:{port}/v1/realtime", api_key="sk-test")
+        await upstream.connect()
+        try:
+            await asyncio.sleep(2.0)  # nobody reads: the sender fills every buffer on the way, then blocks
+            # 64, plus what the socket's last read still held (picows parses a whole read at once)
+            assert upstream.inbox.qsize() < 3000
+            seqs = [json.loads(await upstream.recv())["seq"] for _ in range(total)]
+            assert seqs == list(range(total))
+        finally:
+            await upstream.close()

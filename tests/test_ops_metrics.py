@@ -47,3 +47,39 @@ def test_token_required_when_configured(client, settings):
 def test_post_not_allowed(client, settings):
     settings.METRICS_TOKEN = ""
     assert client.post("/metrics").status_code == 405
+
+
+def _histogram_count(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(f"{name}_count", labels) or 0.0
+
+
+def test_gc_pauses_are_timed() -> None:
+    import gc
+
+    from voice.server import watch_gc_pauses
+
+    before = _histogram_count("voice_gc_pause_seconds", generation="2")
+    watch_gc_pauses()
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.pop()
+    assert _histogram_count("voice_gc_pause_seconds", generation="2") == before + 1
+
+
+async def test_event_loop_stalls_are_measured_and_logged(caplog) -> None:
+    import asyncio
+    import time
+
+    from voice.server import probe_loop_lag
+
+    before = _histogram_count("voice_event_loop_lag_seconds")
+    probe = asyncio.get_running_loop().create_task(probe_loop_lag())
+    await asyncio.sleep(0.05)
+    time.sleep(0.06)  # a blocking call: every session's audio would wait this long
+    await asyncio.sleep(0.05)
+    probe.cancel()
+    assert _histogram_count("voice_event_loop_lag_seconds") > before + 3
+    assert any("event loop stalled" in r.getMessage() for r in caplog.records)

@@ -68,15 +68,24 @@ async def test_spoken_turn_in_process_engine(gateway, token_for, engine_spy) -> 
     assert turn.speech_ms and 3000 < turn.speech_ms < 7000
 
 
-@needs_audio
-async def test_audio_relayed_byte_for_byte_over_real_websocket(live_db, settings, token_for, engine_spy):
-    from tests.live import LiveServer
+@pytest.fixture
+def websocket_engine(settings):
+    """The local engine behind its own WebSocket server, as the OpenAI upstream: the picows client and the
+    synchronous fast path both ways."""
     from voice.realtime.engine.server import EngineServerThread
 
     engine = EngineServerThread().start()
     settings.VOICE_UPSTREAM = "openai"
     settings.OPENAI_REALTIME_URL = engine.url
     settings.OPENAI_API_KEY = "sk-test-local-engine-key"
+    yield engine
+    engine.stop()
+
+
+@needs_audio
+async def test_audio_relayed_byte_for_byte_over_real_websocket(live_db, websocket_engine, token_for, engine_spy):
+    from tests.live import LiveServer
+
     server = LiveServer().start()
     try:
         client = await _ready(server, token_for())
@@ -92,7 +101,6 @@ async def test_audio_relayed_byte_for_byte_over_real_websocket(live_db, settings
         await client.close()
     finally:
         server.stop()
-        engine.stop()
 
 
 async def test_allowlist_refusals_never_reach_upstream(gateway, token_for, engine_spy) -> None:
@@ -198,7 +206,16 @@ async def _text_turn(client: VoiceClient, text: str = "What temperature for day-
     await client.send({"type": "response.create"})
 
 
-async def test_barge_in_truncate_is_clamped_and_zero_ms_deletes(live_db, settings, token_for, engine_spy):
+@pytest.fixture(params=["in_process", "websocket"])
+def upstream_mode(request) -> str:
+    """The local engine in process (the slow path only), or behind its WebSocket server (the fast path)."""
+    if request.param == "websocket":
+        request.getfixturevalue("websocket_engine")
+    return request.param
+
+
+async def test_barge_in_truncate_is_clamped_and_zero_ms_deletes(live_db, settings, token_for, engine_spy,
+                                                                upstream_mode):
     from tests.live import LiveServer
 
     settings.LOCAL_ENGINE_SPEED = 1.0  # real-time audio: the response is still playing when we cut it
@@ -273,5 +290,41 @@ async def test_binary_and_oversized_frames(live_db, settings, token_for) -> None
         await _text_turn(other)  # the other session is unaffected
         await other.wait_for("response.done", timeout=15)
         await other.close()
+    finally:
+        server.stop()
+
+
+async def test_fast_path_keeps_client_event_order(live_db, websocket_engine, token_for, engine_spy) -> None:
+    """Audio appends relayed synchronously never overtake the events around them (upstream over WebSocket)."""
+    from tests.live import LiveServer
+
+    server = LiveServer().start()
+    try:
+        client = await _ready(server, token_for())
+        silence = base64.b64encode(bytes(1920)).decode()
+        sent = []
+        for round_ in range(5):
+            for i in range(8):
+                event_id = f"a{round_}_{i}"
+                await client.send_raw(json.dumps({"type": "input_audio_buffer.append", "event_id": event_id,
+                                                  "audio": silence}, separators=(",", ":")))
+                sent.append(event_id)
+            await client.send({"type": "conversation.item.create", "event_id": f"t{round_}",
+                               "item": {"type": "message", "role": "user",
+                                        "content": [{"type": "input_text", "text": f"note {round_}"}]}})
+            sent.append(f"text:note {round_}")
+            await client.send({"type": "input_audio_buffer.clear"})
+            sent.append("clear")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            seen = [e.get("event_id") if e["type"] == "input_audio_buffer.append" else
+                    "text:" + e["item"]["content"][0]["text"] if e["type"] == "conversation.item.create" else
+                    "clear" if e["type"] == "input_audio_buffer.clear" else None for e in engine_spy]
+            seen = [entry for entry in seen if entry is not None and not str(entry).startswith("text:Conversation")]
+            if len(seen) >= len(sent):
+                break
+            await asyncio.sleep(0.05)
+        assert seen == sent
+        await client.close()
     finally:
         server.stop()

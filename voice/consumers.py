@@ -22,6 +22,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from voice import metrics
+from voice.consumer_supervision import SessionSupervision
 from voice.observability.logs import bind_session, clear_session
 from voice.realtime import registry
 from voice.realtime.accounting import TurnStats
@@ -46,21 +47,19 @@ from voice.services.access import (
 )
 from voice.services.auth import AuthError, Identity, identity_from_jwt, ticket_redeem
 from voice.services.db import run_db_write
-from voice.services.rollout import BROADCAST_GROUP, rollout_snapshot
 from voice.services.state import get_state
+from voice.services.stats import ACTIVE_SESSIONS_KEY
 
 logger = logging.getLogger(__name__)
 
 SUBPROTOCOL = "intelia.v1"
-ACTIVE_SESSIONS_KEY = "active_sessions"
-SLOT_REFRESH_SECONDS = 10
 CLOSE_CODES = {
     "client_closed": 1000, "timeout": 4408, "upstream_unavailable": 4502, "upstream_error": 4502,
     "internal_error": 4500, "feature_disabled": 4503, "terminated": 4010, "draining": 4012,
 }
 
 
-class VoiceConsumer(AsyncConsumer):
+class VoiceConsumer(SessionSupervision, AsyncConsumer):
     """One browser voice connection."""
 
     session: GatewaySession | None = None
@@ -264,17 +263,11 @@ class VoiceConsumer(AsyncConsumer):
         if self._ended or session is None or len(payload) > self._max_frame_bytes:
             return False
         audio_bytes = fast_append_audio_bytes(payload)
-        if audio_bytes < 0:
+        if audio_bytes < 0 or not self._frame_allowed():  # over the rate: `websocket_receive` closes 4008
             return False
-        # `_frame_allowed`, inlined: the token bucket of the frame-rate policy.
-        now = time.monotonic()
-        rate = self._frame_rate
-        tokens = min(4.0 * rate, self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if tokens < 1 or not session.relay_audio_nowait(payload, audio_bytes):
-            self._tokens = tokens  # `websocket_receive` applies the policy (or relays) and counts it
+        if not session.relay_audio_nowait(payload, audio_bytes):
+            self._tokens += 1  # `websocket_receive` counts this frame again
             return False
-        self._tokens = tokens - 1
         session.stats.frames_in += 1
         return True
 
@@ -318,83 +311,6 @@ class VoiceConsumer(AsyncConsumer):
 
     async def _send_event(self, event: dict[str, Any]) -> None:
         await self._send_text(dump_event(event))
-
-    # --- supervision, control messages ---------------------------------------------------------------
-    async def _supervise(self) -> None:
-        """Every second: kill switch, duration limit, upstream stall; slots refreshed every 10 s."""
-        state = get_state()
-        state.add_resync_hook(self._publish_presence)
-        await self._publish_presence()
-        ticks = 0
-        try:
-            while not self._ended:
-                await asyncio.sleep(1)
-                ticks += 1
-                now = time.monotonic()
-                if not settings.ENABLE_VOICE_REALTIME or not (await rollout_snapshot()).voice_enabled:
-                    await self._end("feature_disabled", "feature_disabled", "Voice has been disabled")
-                    return
-                left = self.deadline - now
-                if left <= 0:
-                    limit = int(self.meta.max_duration_s)
-                    label = f"{limit // 60} min" if limit % 60 == 0 else f"{limit} s"
-                    await self._end("timeout", "session_timeout", f"Session timeout ({label} max)")
-                    return
-                if left <= settings.SESSION_WARNING_SECONDS and not self.warned:
-                    self.warned = True
-                    await self._send_event({"type": "gateway.session.expiring", "seconds_left": int(left)})
-                if self.session is not None:
-                    await self.session.tick(now)
-                if ticks % SLOT_REFRESH_SECONDS == 0:
-                    await self._publish_presence()
-        finally:
-            state.remove_resync_hook(self._publish_presence)
-
-    async def _publish_presence(self) -> None:
-        """Keep (or, after a Redis outage, re-publish) this session's slots and groups."""
-        state = get_state()
-        ttl = SLOT_REFRESH_SECONDS * 3
-        await state.slot_refresh(concurrency_key(self.identity.user_id), self.session_id, ttl=ttl)
-        await state.slot_refresh(ACTIVE_SESSIONS_KEY, self.session_id, ttl=ttl)
-        if self.channel_layer is not None and not getattr(self, "_joined", False):
-            try:
-                await asyncio.wait_for(self.channel_layer.group_add(BROADCAST_GROUP, self.channel_name), 1)
-                await asyncio.wait_for(
-                    self.channel_layer.group_add(f"voice.session.{self.session_id}", self.channel_name), 1
-                )
-                self._joined = True
-                self._control_listener = asyncio.get_running_loop().create_task(self._listen_control())
-            except Exception:  # noqa: BLE001 - the layer's Redis is down: the kill switch is also polled
-                logger.warning("channel layer unavailable; control messages paused until it returns")
-
-    async def _listen_control(self) -> None:
-        """Receive channel-layer messages (kill switch, terminate) without ever dying on a Redis outage."""
-        while not self._ended:
-            try:
-                message = await self.channel_layer.receive(self.channel_name)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                self._joined = False  # re-join when Redis is back (next presence refresh)
-                return
-            await self.dispatch(message)
-
-    async def session_terminate(self, message: dict[str, Any]) -> None:
-        """Called by the channel layer: the kill switch was engaged, or an operator ended this session."""
-        if message.get("code") == "feature_disabled":
-            await self._end("feature_disabled", "feature_disabled", "Voice has been disabled")
-        else:
-            await self._end("terminated", "terminated", "Session ended by an operator")
-
-    async def drain(self) -> None:
-        """Called on SIGTERM: tell the client to resume elsewhere, then close 4012 and persist."""
-        await self._send_event({
-            "type": "gateway.session.draining",
-            "session_id": self.session_id,
-            "resume_token": session_services.resume_token_issue(
-                session_id=self.session_id, user_id=self.identity.user_id),
-        })
-        await self._end("draining", None, "")
 
     # --- ending ----------------------------------------------------------------------------------------
     async def _refuse(self, refusal: Refusal) -> None:

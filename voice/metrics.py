@@ -22,6 +22,17 @@ BYTES = Counter("voice_bytes_total", "WebSocket bytes relayed", ["direction"])
 UPSTREAM_ERRORS = Counter("voice_upstream_errors_total", "Upstream error events, by code", ["code"])
 REDIS_FALLBACK = Gauge("voice_redis_fallback", "1 when this instance serves from the in-memory fallback")
 COST = Counter("voice_cost_usd_total", "Estimated OpenAI cost in USD", ["plan"])
+LOOP_LAG = Histogram(
+    "voice_event_loop_lag_seconds",
+    "How late a 10 ms timer fires on the event loop: the delay every session's audio saw at that moment",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+)
+GC_PAUSE = Histogram(
+    "voice_gc_pause_seconds",
+    "Cyclic garbage collections: each one stalls the event loop, and so every live session's audio",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+)
 
 
 def record_refusal(code: str) -> None:

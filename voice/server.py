@@ -11,11 +11,14 @@ import asyncio
 import gc
 import logging
 import socket
+import time
 
 import uvicorn
 from django.conf import settings
 
 logger = logging.getLogger(__name__)
+GC_PAUSE_WARNING_SECONDS = 0.02
+LOOP_LAG_WARNING_SECONDS = 0.02
 
 
 class VoiceServer(uvicorn.Server):
@@ -28,11 +31,15 @@ class VoiceServer(uvicorn.Server):
         # (and every session's audio) for ~70 ms. Freeze them out of the collector once at start-up.
         gc.collect()
         gc.freeze()
+        watch_gc_pauses()
+        self._lag_probe = asyncio.get_running_loop().create_task(probe_loop_lag())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Called by uvicorn after SIGTERM/SIGINT (or should_exit)."""
         from voice.realtime.registry import drain_all
 
+        if getattr(self, "_lag_probe", None) is not None:
+            self._lag_probe.cancel()
         for server in self.servers:
             server.close()  # stop accepting before telling clients to reconnect elsewhere
         if self.force_exit:  # a second SIGINT (or a test simulating a crash): no drain
@@ -48,6 +55,40 @@ class VoiceServer(uvicorn.Server):
 
 
 VOICE_WS_PROTOCOL = "voice.server_ws:VoiceWebSocketProtocol"
+
+
+async def probe_loop_lag(interval: float = 0.01) -> None:
+    """Measure how late the event loop runs a timer (voice_event_loop_lag_seconds); log stalls that an
+    audio frame would feel (> LOOP_LAG_WARNING_SECONDS)."""
+    from voice import metrics
+
+    loop = asyncio.get_running_loop()
+    while True:
+        expected = loop.time() + interval
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - expected)
+        metrics.LOOP_LAG.observe(lag)
+        if lag > LOOP_LAG_WARNING_SECONDS:
+            logger.warning("event loop stalled %.0f ms", lag * 1000)
+
+
+def watch_gc_pauses() -> None:
+    """Time every cyclic collection (voice_gc_pause_seconds) and log the ones long enough to be heard."""
+    from voice import metrics
+
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pause = time.perf_counter() - started.pop()
+            metrics.GC_PAUSE.labels(generation=str(info["generation"])).observe(pause)
+            if pause > GC_PAUSE_WARNING_SECONDS:
+                logger.warning("gc pause %.0f ms (generation %d, %d collected): every session's audio waited",
+                               pause * 1000, info["generation"], info["collected"])
+
+    gc.callbacks.append(on_gc)
 
 
 def server_config(*, host: str, port: int, uds: str | None = None, fd: int | None = None,

@@ -36,7 +36,6 @@ from voice.realtime.inbox import BypassHandler, Inbox
 
 FASTPATH_EXTENSION = "intelia.voice.fastpath"
 _FIN_TEXT = 0x81  # FIN bit + text opcode, no RSV bits
-_OP_CONT = 0x0
 _MAX_QUEUED = 64  # stop reading from a client whose frames the app has not taken (TCP pushes back)
 
 
@@ -104,7 +103,7 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
             if frame_end > end:
                 break
             if first == _FIN_TEXT and not self._in_fragmented_message:
-                payload = apply_mask(memoryview(data)[head + 4:frame_end], data[head:head + 4])  # one copy
+                payload = apply_mask(data[head + 4:frame_end], data[head:head + 4])
                 if not self.close_sent and not self.queue.try_bypass(payload):  # past close: discarded
                     try:
                         text = payload.decode()
@@ -123,11 +122,8 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def _to_websockets(self, frame: bytes, first: int) -> bool:
         """A whole control, binary or fragment frame for websockets; False once the connection fails."""
-        opcode, fin = first & 0x0F, first & 0x80
-        if opcode == _OP_CONT:
-            self._in_fragmented_message = not fin
-        elif opcode < 0x8:  # text or binary starting a message
-            self._in_fragmented_message = not fin
+        if first & 0x0F < 0x8:  # a data frame (text, binary, continuation): a message is open until FIN
+            self._in_fragmented_message = not first & 0x80
         self.conn.receive_data(frame)
         if self.conn.parser_exc is not None:
             self.handle_parser_exception()

@@ -25,6 +25,7 @@ _FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _KEEPALIVE_SECONDS = 20.0
 _TEXT = WSMsgType.TEXT
+_MAX_QUEUED = 64  # server events waiting for the session's reader before the socket stops being read
 
 
 def upstream_url() -> str:
@@ -50,6 +51,7 @@ class _Listener(WSListener):
             payload = frame.get_payload_as_bytes()
             if not self.inbox.try_bypass(payload):
                 self.inbox.put_nowait(payload.decode("utf-8", errors="replace"))
+                self.upstream.apply_backpressure()
         elif msg_type is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()  # read raw: codes like 4000 are not in picows' enum
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
@@ -61,6 +63,7 @@ class _Listener(WSListener):
             if frame.fin:
                 data, self._fragments = b"".join(self._fragments), []
                 self.inbox.put_nowait(data.decode("utf-8", errors="replace"))
+                self.upstream.apply_backpressure()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Called by picows once the socket is gone (after a close handshake or not)."""
@@ -88,6 +91,7 @@ class OpenAIUpstream(Upstream):
         self.writable.set()
         self._transport: WSTransport | None = None
         self._closed: UpstreamClosed | None = None
+        self._reading_paused = False
 
     async def connect(self) -> None:
         """Called once per session: open the socket, retrying with exponential backoff."""
@@ -124,6 +128,13 @@ class OpenAIUpstream(Upstream):
                 delay *= settings.RETRY_BACKOFF_FACTOR
         raise UpstreamConnectError(f"upstream unreachable after {attempts} attempts")
 
+    def apply_backpressure(self) -> None:
+        """Called after an event is queued: stop reading the socket while the session is behind (a client
+        reading slower than OpenAI sends), so the audio waits in TCP buffers, not in this process."""
+        if not self._reading_paused and self.inbox.qsize() >= _MAX_QUEUED and self._transport is not None:
+            self._reading_paused = True
+            self._transport.underlying_transport.pause_reading()
+
     def mark_closed(self, code: int, reason: str) -> None:
         """Called on the first close frame, disconnect or `close()`: recv and send raise from now on."""
         if self._closed is None:
@@ -158,6 +169,9 @@ class OpenAIUpstream(Upstream):
         if self._transport is None:
             raise UpstreamClosed(None, "not connected")
         item = await self.inbox.get()
+        if self._reading_paused and self.inbox.empty():
+            self._reading_paused = False
+            self._transport.underlying_transport.resume_reading()  # type: ignore[union-attr]
         if item.__class__ is UpstreamClosed:
             self.inbox.put_nowait(item)  # every later recv raises too
             raise item

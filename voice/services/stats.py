@@ -26,7 +26,7 @@ from voice.services import state as state_module
 from voice.services.state import SharedState, get_state
 
 T = TypeVar("T")
-ACTIVE_SESSIONS_KEY = "active_sessions"  # the consumer's live-session slot set (voice.consumers)
+ACTIVE_SESSIONS_KEY = "active_sessions"  # the slot set of live sessions (held by each VoiceConsumer)
 PASS, FAIL, NO_DATA = "PASS", "FAIL", "NO DATA"
 _SINCE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "": "days"}

@@ -48,5 +48,11 @@ class Command(BaseCommand):
                 setattr(config, name, opts[name])
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.stdout.write(f"local realtime engine on ws://{opts['host']}:{opts['port']}/v1/realtime")
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(opts["host"], opts["port"], config))
+        try:  # uvloop when installed, as the gateway: the engine serves every session of a bench
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(opts["host"], opts["port"], config))
