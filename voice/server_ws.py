@@ -40,7 +40,7 @@ _MAX_QUEUED = 64  # stop reading from a client whose frames the app has not take
 
 
 def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented text frame (server to client); inlined in `send_text_nowait`."""
+    """An unmasked, unfragmented text frame (server to client)."""
     size = len(payload)
     if size < 126:
         return bytes((_FIN_TEXT, size)) + payload
@@ -163,13 +163,7 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
         if (not self._accepted or self.close_sent or self.disconnected or self._write_paused
                 or self.conn.state is not OPEN):
             return False
-        size = len(payload)
-        if size < 126:
-            self.transport.write(bytes((_FIN_TEXT, size)) + payload)
-        elif size < 65536:
-            self.transport.write(b"\x81\x7e" + size.to_bytes(2, "big") + payload)
-        else:
-            self.transport.write(b"\x81\x7f" + size.to_bytes(8, "big") + payload)
+        self.transport.write(text_frame(payload))
         return True
 
     async def send(self, message: Any) -> None:
