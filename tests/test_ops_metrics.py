@@ -61,11 +61,11 @@ def test_gc_pauses_are_timed() -> None:
     from voice.server import watch_gc_pauses
 
     before = _histogram_count("voice_gc_pause_seconds", generation="2")
-    watch_gc_pauses()
+    callback = watch_gc_pauses()
     try:
         gc.collect()
     finally:
-        gc.callbacks.pop()
+        gc.callbacks.remove(callback)
     assert _histogram_count("voice_gc_pause_seconds", generation="2") == before + 1
 
 

@@ -12,6 +12,7 @@ import gc
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 import uvicorn
 from django.conf import settings
@@ -31,7 +32,7 @@ class VoiceServer(uvicorn.Server):
         # (and every session's audio) for ~70 ms. Freeze them out of the collector once at start-up.
         gc.collect()
         gc.freeze()
-        watch_gc_pauses()
+        self._gc_watch = watch_gc_pauses()
         self._lag_probe = asyncio.get_running_loop().create_task(probe_loop_lag())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -40,6 +41,7 @@ class VoiceServer(uvicorn.Server):
 
         if getattr(self, "_lag_probe", None) is not None:
             self._lag_probe.cancel()
+            gc.callbacks.remove(self._gc_watch)  # one per server: several servers may share a process (tests)
         for server in self.servers:
             server.close()  # stop accepting before telling clients to reconnect elsewhere
         if self.force_exit:  # a second SIGINT (or a test simulating a crash): no drain
@@ -72,7 +74,7 @@ async def probe_loop_lag(interval: float = 0.01) -> None:
             logger.warning("event loop stalled %.0f ms", lag * 1000)
 
 
-def watch_gc_pauses() -> None:
+def watch_gc_pauses() -> Callable[[str, dict[str, int]], None]:
     """Time every cyclic collection (voice_gc_pause_seconds) and log the ones long enough to be heard."""
     from voice import metrics
 
@@ -89,6 +91,7 @@ def watch_gc_pauses() -> None:
                                pause * 1000, info["generation"], info["collected"])
 
     gc.callbacks.append(on_gc)
+    return on_gc
 
 
 def server_config(*, host: str, port: int, uds: str | None = None, fd: int | None = None,

@@ -32,11 +32,10 @@ from uvicorn.server import ServerState
 from websockets.protocol import OPEN
 from websockets.speedups import apply_mask
 
-from voice.realtime.inbox import BypassHandler, Inbox
+from voice.realtime.inbox import MAX_QUEUED, BypassHandler, Inbox
 
 FASTPATH_EXTENSION = "intelia.voice.fastpath"
 _FIN_TEXT = 0x81  # FIN bit + text opcode, no RSV bits
-_MAX_QUEUED = 64  # stop reading from a client whose frames the app has not taken (TCP pushes back)
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -116,7 +115,7 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
             pos = frame_end
         if pos < end:
             self._pending = data[pos:]
-        if not self.read_paused and self.queue.qsize() >= _MAX_QUEUED:
+        if not self.read_paused and self.queue.qsize() >= MAX_QUEUED:
             self.read_paused = True
             self.transport.pause_reading()
 

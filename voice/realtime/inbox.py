@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 BypassHandler = Callable[[bytes], bool]  # gets a message's UTF-8 payload; True when it handled it
+# Queued items past which a socket's owner stops reading it (TCP pushes back on the sender).
+MAX_QUEUED = 64
 
 
 class Inbox:
@@ -35,8 +37,8 @@ class Inbox:
     def try_bypass(self, payload: bytes) -> bool:
         """Called by the socket callback for each text message's raw payload: True when the bypass handled
         it (only ever while the reader is parked on an empty queue); False: decode it and `put_nowait`."""
-        bypass, waiter = self.bypass, self._waiter
-        return bypass is not None and waiter is not None and not waiter.done() and bypass(payload)
+        bypass = self.bypass
+        return bypass is not None and self.parked and bypass(payload)
 
     def put_nowait(self, item: Any) -> None:
         """Called to queue an item (a message, or a text the bypass declined) for the reader."""

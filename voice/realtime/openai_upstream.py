@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 from picows import WSCloseCode, WSError, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
-from voice.realtime.inbox import BypassHandler, Inbox
+from voice.realtime.inbox import MAX_QUEUED, BypassHandler, Inbox
 from voice.realtime.upstream import Upstream, UpstreamClosed, UpstreamConnectError
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ _FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _KEEPALIVE_SECONDS = 20.0
 _TEXT = WSMsgType.TEXT
-_MAX_QUEUED = 64  # server events waiting for the session's reader before the socket stops being read
 
 
 def upstream_url() -> str:
@@ -131,7 +130,7 @@ class OpenAIUpstream(Upstream):
     def apply_backpressure(self) -> None:
         """Called after an event is queued: stop reading the socket while the session is behind (a client
         reading slower than OpenAI sends), so the audio waits in TCP buffers, not in this process."""
-        if not self._reading_paused and self.inbox.qsize() >= _MAX_QUEUED and self._transport is not None:
+        if not self._reading_paused and self.inbox.qsize() >= MAX_QUEUED and self._transport is not None:
             self._reading_paused = True
             self._transport.underlying_transport.pause_reading()
 

@@ -3,13 +3,14 @@ session rows written at the start and end of every connection.
 
 Under ASGI, Django's advice is CONN_MAX_AGE=0: request threads come and go, so each sync_to_async call
 opens and closes its own connection. For the access decision that connect/close is most of its cost
-(bench/access.py: 72 % on SQLite; worse on PostgreSQL). Each long-lived worker thread keeps its
-connection between calls instead, reconnecting once when the database dropped it.
+(bench/access.py: 72 % on SQLite; worse on PostgreSQL). The access thread keeps its connection between
+calls instead, reconnecting once when the database dropped it.
 
 Session rows get their own single writer: when a hundred sessions end at once (a network blip, a load
 test), a pool of threads fought over SQLite's write lock (busy-wait back-offs) and over the GIL with the
 event loop for seconds, stalling every live session's audio (bench/relay.py); one writer drains the same
-burst in order, and access lookups never queue behind it.
+burst in order, and access lookups never queue behind it. (The session-row services still open and close
+their connection per call: a write per connection end does not need a persistent one.)
 """
 
 from __future__ import annotations
