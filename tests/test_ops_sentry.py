@@ -118,6 +118,39 @@ def test_scrub_event_directly():
     assert "cookies" not in cleaned["request"] and "data" not in cleaned["request"]
 
 
+async def test_a_voice_connection_keeps_no_redis_breadcrumbs(capture):
+    """Each connection's scope lives as long as the session: per-command Redis crumbs would pile up there."""
+    import redis.asyncio as aioredis
+
+    kept: list[list[dict]] = []
+
+    async def consumer(scope, receive, send):
+        client = aioredis.Redis.from_url("redis://127.0.0.1:6379/14")
+        try:
+            for _ in range(20):  # a session's presence refreshes and kill-switch polls
+                await client.set("voice:test:breadcrumbs", "1", ex=5)
+                await client.get("voice:test:breadcrumbs")
+        finally:
+            await client.aclose()
+        logging.getLogger("voice.consumers").info("session started")
+        kept.append(list(sentry_sdk.get_isolation_scope()._breadcrumbs))
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        return None
+
+    scope = {"type": "websocket", "path": "/v1/ws/voice", "raw_path": b"/v1/ws/voice", "query_string": b"",
+             "scheme": "ws", "server": ("testserver", 80), "client": ("127.0.0.1", 5555),
+             "asgi": {"version": "3.0"}, "headers": [(b"host", b"testserver")], "subprotocols": []}
+    await obs.wrap_websocket_app(consumer)(scope, receive, send)
+    categories = [crumb.get("category") for crumb in kept[0]]
+    assert "redis" not in categories
+    assert "voice.consumers" in categories  # log lines still make the trail
+    assert obs.filter_breadcrumb({"category": "redis", "message": "GET k"}) is None
+
+
 def test_traces_sampler():
     obs._state["traces_rate"] = 0.1
     assert obs.traces_sampler({"asgi_scope": {"type": "websocket", "path": "/v1/ws/voice"}}) == 0.0

@@ -31,6 +31,11 @@ UNTRACED_PATHS = ("/v1/voice/health", "/metrics")
 # A voice WebSocket transaction lasts the whole session (minutes) and holds no useful spans: errors are
 # reported either way, so these transactions are not sampled at all.
 WEBSOCKET_TRACES_SAMPLE_RATE = 0.0
+# Breadcrumb categories never kept. The Redis integration adds one per command, and a live voice session issues
+# several a second (presence refresh, kill-switch poll, usage counters) on its connection's own scope, which
+# keeps the last `max_breadcrumbs` (100) for the whole session: ~0.3 MB per live session, and an error report
+# whose trail is Redis noise instead of the log lines that explain it.
+DROPPED_BREADCRUMB_CATEGORIES = frozenset({"redis"})
 
 _state: dict[str, Any] = {"initialised": False, "disabled_logged": False, "traces_rate": 0.0}
 
@@ -69,6 +74,13 @@ def scrub_event(event: dict[str, Any], hint: dict[str, Any] | None = None) -> di
         request.pop("cookies", None)
         request.pop("data", None)  # bodies may carry tokens (e.g. a ticket request); never needed
     return _scrub(event)
+
+
+def filter_breadcrumb(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Called by Sentry (before_breadcrumb) for each new breadcrumb: per-command Redis crumbs are dropped."""
+    if crumb.get("category") in DROPPED_BREADCRUMB_CATEGORIES:
+        return None
+    return crumb
 
 
 def traces_sampler(sampling_context: dict[str, Any]) -> float:
@@ -122,6 +134,7 @@ def init_sentry(
         ],
         "before_send": scrub_event,
         "before_send_transaction": scrub_event,
+        "before_breadcrumb": filter_breadcrumb,
         "max_request_body_size": "never",
     }
     if transport is not None:
