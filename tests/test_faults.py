@@ -117,6 +117,7 @@ async def test_session_expired_recycles_the_upstream_transparently(gateway, toke
     await asyncio.sleep(0.3)
     replayed = [entry for entry in created[1].session.conversation.by_id.values()]
     assert replayed, "history replayed into the new upstream"
+    assert "Ross 308" in repr(replayed)  # the turn's texts reached the history before the turn let go of them
     await _text_turn(client, "What about heat stress?")
     assert (await client.wait_for("response.done", timeout=15))["response"]["status"] == "completed"
     assert not client.seen("gateway.error") and not [e for e in client.seen("error")

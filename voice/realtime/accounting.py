@@ -45,9 +45,13 @@ def usage_tokens(usage: dict[str, Any]) -> dict[str, int]:
     }
 
 
-@dataclass
+@dataclass(slots=True)
 class TurnStats:
-    """One user turn, from speech start (or a text message) to the end of the answer."""
+    """One user turn, from speech start (or a text message) to the end of the answer.
+
+    A session keeps every turn until its end (the VoiceTurn rows are written then), so a turn is slotted
+    (~0.2 KB instead of ~1.2 KB with a __dict__) and its texts are released once they are in the history.
+    """
 
     index: int
     started_at: float = field(default_factory=time.time)  # epoch seconds

@@ -253,8 +253,11 @@ class UpstreamEventHandlers:
             turn.response_status = status
             if status == "cancelled":
                 turn.interrupted = True
-            self.history.append({"user": turn.user_text, "assistant": turn.assistant_text})
-            del self.history[:-20]
+            if turn.user_text or turn.assistant_text:
+                self.history.append({"user": turn.user_text, "assistant": turn.assistant_text})
+                del self.history[:-20]
+            # The texts live on in the (capped) history only: a 10-minute session keeps all its turns.
+            turn.user_text = turn.assistant_text = ""
             await self.listener.turn_completed(turn)
         if status == "failed":
             details = response.get("status_details") or {}
