@@ -34,6 +34,9 @@ _DELTA_TYPES = frozenset(
     {"response.output_audio.delta", "response.output_audio_transcript.delta", "response.output_text.delta"}
 )
 _HISTORY_CHARS = 6000
+# Per-item bookkeeping (audio sent per assistant item, partial transcripts) keeps only the most recent items:
+# a session lasts up to an hour, and only recent items can still be truncated or completed.
+RECENT_ITEMS = 16
 _AUDIO_DELTA_HEAD = re.compile(rb'\{"type": ?"response\.output_audio\.delta"')
 # OpenAI's own field order, read in one match; other orders and spacings fall back to _DELTA_IDS.
 _OPENAI_DELTA_HEAD = re.compile(
@@ -197,6 +200,8 @@ class UpstreamEventHandlers:
         item_id = event.get("item_id") or ""
         text = self.partial_transcripts.get(item_id, "") + str(event.get("delta") or "")
         self.partial_transcripts[item_id] = text
+        if len(self.partial_transcripts) > RECENT_ITEMS:  # an item whose completion never came
+            del self.partial_transcripts[next(iter(self.partial_transcripts))]
         if self.prefetcher is not None:
             self.prefetcher.on_partial_transcript(text)
 
@@ -223,8 +228,9 @@ class UpstreamEventHandlers:
         """Audio bytes sent per assistant item (bounds barge-in truncation) and the turn's first audio."""
         if item_id not in self.assistant_audio:
             self.assistant_audio[item_id] = 0
-            if len(self.assistant_audio) > 16:
-                self.assistant_audio.popitem(last=False)
+            if len(self.assistant_audio) > RECENT_ITEMS:
+                evicted, _ = self.assistant_audio.popitem(last=False)
+                self.item_turn.pop(evicted, None)
             if self.answering is not None:
                 self.item_turn[item_id] = self.answering
         self.assistant_audio[item_id] += size
