@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
 from voice.realtime.engine.server import EngineServerThread
-from voice.realtime.openai_upstream import OpenAIUpstream, upstream_url
+from voice.realtime.openai_upstream import _SOCKET_RCVBUF_BYTES, OpenAIUpstream, upstream_url
 from voice.realtime.upstream import UpstreamClosed
 
 
@@ -64,8 +65,12 @@ async def test_a_slow_reader_stops_the_socket_not_the_memory(settings) -> None:
         try:
             await asyncio.sleep(2.0)  # nobody reads: the sender fills every buffer on the way, then blocks
             # 64, plus what the socket's last read still held (picows parses a whole read at once)
-            assert upstream.inbox.qsize() < 3000
+            held = upstream.inbox.qsize()
             seqs = [json.loads(await upstream.recv())["seq"] for _ in range(total)]
             assert seqs == list(range(total))
+            sock = upstream._transport.underlying_transport.get_extra_info("socket")
+            # The kernel queue is bounded, and so is any one read (picows grows its buffer to fit reads).
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) <= 2 * _SOCKET_RCVBUF_BYTES
+            assert held < 600, held  # 381 here; 1,066 with the queue bounded only after the handshake
         finally:
             await upstream.close()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from urllib.parse import urlencode
 
 from django.conf import settings
 from picows import WSCloseCode, WSError, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
+from picows.url import WSParsedURL
 
 from voice.realtime.inbox import MAX_QUEUED, BypassHandler, Inbox
 from voice.realtime.upstream import Upstream, UpstreamClosed, UpstreamConnectError
@@ -24,6 +26,12 @@ logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connectio
 _FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _KEEPALIVE_SECONDS = 20.0
+# picows doubles a connection's read buffer whenever one read fills it, and never shrinks it. Start it at the
+# size bursts of audio deltas reach (a 200 ms delta is ~13 KB of JSON), so it does not creep up for minutes...
+_READ_BUFFER_BYTES = 64 * 1024
+# ...and bound the kernel's receive queue, which bounds any single read, so that growth too: while a session
+# pauses reading (backpressure) the audio waits in this queue; autotuned, it could reach several MB.
+_SOCKET_RCVBUF_BYTES = 128 * 1024  # the kernel doubles it: 256 KB, ~4 s of assistant audio
 _TEXT = WSMsgType.TEXT
 
 
@@ -32,6 +40,25 @@ def upstream_url() -> str:
     base = settings.OPENAI_REALTIME_URL
     separator = "&" if "?" in base else "?"
     return f"{base}{separator}{urlencode({'model': settings.OPENAI_REALTIME_MODEL})}"
+
+
+async def _connect_socket(url: WSParsedURL) -> socket.socket:
+    """Called by picows to open the TCP connection: ours, so the receive queue is bounded before the
+    handshake (set later, the kernel would already have autotuned it while OpenAI was sending)."""
+    loop = asyncio.get_running_loop()
+    error: OSError = OSError(f"no address for {url.host}")
+    for family, kind, proto, _, address in await loop.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_RCVBUF_BYTES)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
 
 
 class _Listener(WSListener):
@@ -106,7 +133,8 @@ class OpenAIUpstream(Upstream):
                         websocket_handshake_timeout=timeout,
                         max_frame_size=_MAX_MESSAGE_BYTES,
                         max_redirects=0,
-                        use_aiofastnet=__import__("os").environ.get("XAFN", "1") == "1",
+                        read_buffer_init_size=_READ_BUFFER_BYTES,
+                        socket_factory=_connect_socket,
                         enable_auto_ping=True,
                         auto_ping_idle_timeout=_KEEPALIVE_SECONDS,
                         auto_ping_reply_timeout=_KEEPALIVE_SECONDS,
