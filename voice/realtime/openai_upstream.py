@@ -54,10 +54,14 @@ async def _connect_socket(url: WSParsedURL) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             await loop.sock_connect(sock, address)
-            return sock
         except OSError as exc:
             sock.close()
             error = exc
+            continue
+        except BaseException:  # the connect timeout cancelled us: no socket left behind
+            sock.close()
+            raise
+        return sock
     raise error
 
 
