@@ -34,6 +34,7 @@ _DELTA_TYPES = frozenset(
     {"response.output_audio.delta", "response.output_audio_transcript.delta", "response.output_text.delta"}
 )
 _HISTORY_CHARS = 6000
+HISTORY_TURNS = 20  # turns a session remembers for a new upstream (recycle, resume)
 # Per-item bookkeeping (audio sent per assistant item, partial transcripts) keeps only the most recent items:
 # a session lasts up to an hour, and only recent items can still be truncated or completed.
 RECENT_ITEMS = 16
@@ -261,7 +262,7 @@ class UpstreamEventHandlers:
                 turn.interrupted = True
             if turn.user_text or turn.assistant_text:
                 self.history.append({"user": turn.user_text, "assistant": turn.assistant_text})
-                del self.history[:-20]
+                del self.history[:-HISTORY_TURNS]
             # The texts live on in the (capped) history only: a 10-minute session keeps all its turns.
             turn.user_text = turn.assistant_text = ""
             await self.listener.turn_completed(turn)
