@@ -163,6 +163,26 @@ def test_session_fast_relay_counts_and_skips_cancelled_responses() -> None:
     assert session.stats.frames_out == 2 and session.assistant_audio["item_1"] == 1440  # counted once, later
 
 
+def test_history_keeps_only_what_the_replay_uses() -> None:
+    """A session's history is capped at HISTORY_TURNS turns and at the replay's character budget, so long
+    answers do not make every session hold (and save to Redis after each turn) text it will never replay."""
+    from voice.realtime.upstream_events import _HISTORY_CHARS, HISTORY_TURNS, history_append
+
+    history: list[dict[str, str]] = []
+    entries = [{"user": f"question {n} " * 5, "assistant": f"answer {n} " * 80} for n in range(40)]
+    for n, entry in enumerate(entries):
+        history_append(history, entry)
+        assert history == entries[n + 1 - len(history): n + 1]  # the newest turns
+        assert sum(len(e["user"]) + len(e["assistant"]) for e in history) <= _HISTORY_CHARS
+    assert 1 < len(history) < HISTORY_TURNS
+    short: list[dict[str, str]] = []
+    for n in range(40):
+        history_append(short, {"user": f"q{n}", "assistant": f"a{n}"})
+    assert len(short) == HISTORY_TURNS and short[-1] == {"user": "q39", "assistant": "a39"}
+    history_append(short, {"user": "", "assistant": "x" * (2 * _HISTORY_CHARS)})
+    assert short == [{"user": "", "assistant": "x" * (2 * _HISTORY_CHARS)}]  # the latest turn always stays
+
+
 async def test_per_item_bookkeeping_keeps_only_recent_items() -> None:
     """An hour-long session sees thousands of items: only recent ones can still be truncated or completed."""
     from voice.realtime.accounting import TurnStats

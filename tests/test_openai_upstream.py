@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import socket
 
 import pytest
@@ -71,6 +73,43 @@ async def test_a_slow_reader_stops_the_socket_not_the_memory(settings) -> None:
             sock = upstream._transport.underlying_transport.get_extra_info("socket")
             # The kernel queue is bounded, and so is any one read (picows grows its buffer to fit reads).
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) <= 2 * _SOCKET_RCVBUF_BYTES
-            assert held < 600, held  # 381 here; 1,066 with the queue bounded only after the handshake
+            assert held < 200, held  # 73 here; 381 with whole reads, 1,066 with the queue bounded late
         finally:
             await upstream.close()
+
+
+async def test_bursts_and_backpressure_never_grow_the_read_buffer(settings, caplog) -> None:
+    """picows doubles its read buffer whenever one read fills it and never shrinks it (a ratchet that made
+    the soak's memory creep): bursts of ~13 KB deltas, read only after the socket queue filled up, leave
+    it at its initial size; an event larger than the buffer still arrives whole."""
+    from picows import PICOWS_DEBUG_LL
+    from websockets.asyncio.server import serve
+
+    settings.VOICE_UPSTREAM_CONNECT_TIMEOUT = 5
+    delta = "A" * 13000
+    big = "B" * 200_000
+
+    async def bursts(ws) -> None:
+        await ws.send(json.dumps({"type": "session.created"}))
+        await asyncio.sleep(0.3)  # the handshake's read is picows' own (not chunked): OpenAI sends little there
+        for i in range(400):  # 5 MB: far more than the socket queue holds
+            await ws.send(json.dumps({"type": "response.output_audio.delta", "seq": i, "delta": delta}))
+        await ws.send(json.dumps({"type": "response.output_audio.delta", "seq": 400, "delta": big}))
+        await asyncio.sleep(5)
+
+    caplog.set_level(PICOWS_DEBUG_LL, logger="picows")
+    async with serve(bursts, "127.0.0.1", 0, max_size=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        upstream = OpenAIUpstream(url=f"ws://127.0.0.1:{port}/v1/realtime", api_key="sk-test")
+        await upstream.connect()
+        try:
+            await asyncio.sleep(1.0)  # nobody reads: the kernel queue fills up
+            assert json.loads(await upstream.recv())["type"] == "session.created"
+            events = [json.loads(await upstream.recv()) for _ in range(400)]
+            assert [e["seq"] for e in events] == list(range(400))
+            capacities = [int(m) for m in re.findall(r"get_buffer\(.*cap=(\d+)", caplog.text)]
+            assert capacities and max(capacities) == capacities[0] <= 80 * 1024, sorted(set(capacities))
+            assert json.loads(await upstream.recv())["delta"] == big
+        finally:
+            await upstream.close()
+            caplog.set_level(logging.WARNING, logger="picows")

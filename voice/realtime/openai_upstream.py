@@ -26,11 +26,14 @@ logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connectio
 _FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _KEEPALIVE_SECONDS = 20.0
-# picows doubles a connection's read buffer whenever one read fills it, and never shrinks it. Start it at the
-# size bursts of audio deltas reach (a 200 ms delta is ~13 KB of JSON), so it does not creep up for minutes...
+# picows doubles a connection's read buffer whenever one read fills 90 % of it, and never shrinks it: a
+# ratchet that each burst of audio (or a moment of backpressure) moves up a notch, so memory crept up over
+# minutes. The buffer starts at 64 KB and each read is offered at most 16 KB of it (_ChunkedReads): it then
+# grows only for a single event larger than ~40 KB (a 200 ms delta is ~13 KB of JSON).
 _READ_BUFFER_BYTES = 64 * 1024
-# ...and bound the kernel's receive queue, which bounds any single read, so that growth too: while a session
-# pauses reading (backpressure) the audio waits in this queue; autotuned, it could reach several MB.
+_READ_CHUNK_BYTES = 16 * 1024
+# The kernel's receive queue is bounded too: while a session pauses reading (backpressure) the audio waits
+# there; autotuned, it could reach several MB.
 _SOCKET_RCVBUF_BYTES = 128 * 1024  # the kernel doubles it: 256 KB, ~4 s of assistant audio
 _TEXT = WSMsgType.TEXT
 
@@ -65,6 +68,24 @@ async def _connect_socket(url: WSParsedURL) -> socket.socket:
     raise error
 
 
+class _ChunkedReads(asyncio.BufferedProtocol):
+    """Stands between the socket and picows' protocol: offers picows at most _READ_CHUNK_BYTES per read, so
+    its read buffer keeps its initial size. Everything else is picows' own bound methods (no extra call)."""
+
+    def __init__(self, protocol: asyncio.BufferedProtocol) -> None:
+        self._get_buffer = protocol.get_buffer
+        self.buffer_updated = protocol.buffer_updated  # type: ignore[method-assign]
+        self.eof_received = protocol.eof_received  # type: ignore[method-assign]
+        self.connection_lost = protocol.connection_lost  # type: ignore[method-assign]
+        self.pause_writing = protocol.pause_writing  # type: ignore[method-assign]
+        self.resume_writing = protocol.resume_writing  # type: ignore[method-assign]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Called by the event loop before each read of the socket."""
+        buffer = self._get_buffer(sizehint)
+        return buffer if len(buffer) <= _READ_CHUNK_BYTES else buffer[:_READ_CHUNK_BYTES]
+
+
 class _Listener(WSListener):
     """picows callbacks of one upstream connection, turned into Inbox items."""
 
@@ -74,6 +95,11 @@ class _Listener(WSListener):
         self.inbox = upstream.inbox
         self._fragments: list[bytes] = []
 
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        """Called by picows right after the handshake, before any later read: chunk the reads from now on."""
+        raw = transport.underlying_transport
+        raw.set_protocol(_ChunkedReads(raw.get_protocol()))
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Called by picows for every frame received."""
         msg_type = frame.msg_type
@@ -81,7 +107,7 @@ class _Listener(WSListener):
             payload = frame.get_payload_as_bytes()
             if not self.inbox.try_bypass(payload):
                 self.inbox.put_nowait(payload.decode("utf-8", errors="replace"))
-                self.upstream.apply_backpressure()
+                self.upstream.apply_backpressure(transport)
         elif msg_type is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()  # read raw: codes like 4000 are not in picows' enum
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
@@ -93,7 +119,7 @@ class _Listener(WSListener):
             if frame.fin:
                 data, self._fragments = b"".join(self._fragments), []
                 self.inbox.put_nowait(data.decode("utf-8", errors="replace"))
-                self.upstream.apply_backpressure()
+                self.upstream.apply_backpressure(transport)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Called by picows once the socket is gone (after a close handshake or not)."""
@@ -159,12 +185,13 @@ class OpenAIUpstream(Upstream):
                 delay *= settings.RETRY_BACKOFF_FACTOR
         raise UpstreamConnectError(f"upstream unreachable after {attempts} attempts")
 
-    def apply_backpressure(self) -> None:
+    def apply_backpressure(self, transport: WSTransport) -> None:
         """Called after an event is queued: stop reading the socket while the session is behind (a client
-        reading slower than OpenAI sends), so the audio waits in TCP buffers, not in this process."""
-        if not self._reading_paused and self.inbox.qsize() >= MAX_QUEUED and self._transport is not None:
+        reading slower than OpenAI sends), so the audio waits in TCP buffers, not in this process. The
+        transport is picows' own: events can arrive before `connect` has returned."""
+        if not self._reading_paused and self.inbox.qsize() >= MAX_QUEUED:
             self._reading_paused = True
-            self._transport.underlying_transport.pause_reading()
+            transport.underlying_transport.pause_reading()
 
     def mark_closed(self, code: int, reason: str) -> None:
         """Called on the first close frame, disconnect or `close()`: recv and send raise from now on."""

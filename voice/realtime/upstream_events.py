@@ -72,6 +72,17 @@ def audio_delta_fields(payload: bytes) -> tuple[str, str, int] | None:
     return response_id, item_id, b64_chars * 3 // 4 - pad
 
 
+def history_append(history: list[dict[str, str]], entry: dict[str, str]) -> None:
+    """Called after each answered turn: keep the newest HISTORY_TURNS turns, and of those only what the
+    replay can use (its last _HISTORY_CHARS characters): older text is dead weight in memory and in Redis."""
+    history.append(entry)
+    del history[:-HISTORY_TURNS]
+    chars = sum(len(e.get("user", "")) + len(e.get("assistant", "")) for e in history)
+    while len(history) > 1 and chars > _HISTORY_CHARS:
+        oldest = history.pop(0)
+        chars -= len(oldest.get("user", "")) + len(oldest.get("assistant", ""))
+
+
 class UpstreamEventHandlers:
     """Server-event handlers of GatewaySession (they use its state and its send/turn methods)."""
 
@@ -261,8 +272,7 @@ class UpstreamEventHandlers:
             if status == "cancelled":
                 turn.interrupted = True
             if turn.user_text or turn.assistant_text:
-                self.history.append({"user": turn.user_text, "assistant": turn.assistant_text})
-                del self.history[:-HISTORY_TURNS]
+                history_append(self.history, {"user": turn.user_text, "assistant": turn.assistant_text})
             # The texts live on in the (capped) history only: a 10-minute session keeps all its turns.
             turn.user_text = turn.assistant_text = ""
             await self.listener.turn_completed(turn)
