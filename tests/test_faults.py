@@ -209,7 +209,7 @@ def test_database_unavailable_at_session_end_spools_then_replays(db, monkeypatch
 
     meta = sessions.SessionMeta(session_id=str(uuid.uuid4()), user_id="spool-user", plan="elite",
                                 cohort="beta", started_at=time.time(), max_duration_s=600)
-    stats = SessionStats(frames_in=10, turns=[TurnStats(index=0, first_audio_ms=500.0)])
+    stats = SessionStats(frames_in=10, turn_count=1, unsaved_turns=[TurnStats(index=0, first_audio_ms=500.0)])
     record = sessions.session_end_record(
         meta=meta, stats=stats, user_pk=None, upstream="local", instance="t", end_reason="client_closed",
         close_code=1000, error="", connected_s=3.0)
@@ -223,6 +223,37 @@ def test_database_unavailable_at_session_end_spools_then_replays(db, monkeypatch
     row = VoiceSession.objects.get(pk=meta.session_id)
     assert row.frames_in == 10 and row.turn_set.count() == 1
     assert not list(__import__("pathlib").Path(settings.METRICS_SPOOL_DIR).glob("*.json"))
+
+
+def test_turn_rows_are_written_as_turns_complete_and_counted_once(db) -> None:
+    """A turn's row is written once it is answered, rewritten if it is interrupted later, and the end
+    record's copy (a turn whose write was in flight at the end) does not count it twice."""
+    import uuid
+
+    from voice.realtime.accounting import SessionStats, TurnStats
+    from voice.services import sessions
+
+    session_id = str(uuid.uuid4())
+    assert not sessions.voice_turns_save(session_id=session_id, rows=[TurnStats(index=0).row()])  # no row yet
+    sessions.voice_session_end(_end_record(session_id))
+    stats = SessionStats(turn_count=2)
+    first, second = TurnStats(index=0, first_audio_ms=300.0), TurnStats(index=1)
+    stats.turn_changed(first)
+    stats.turn_changed(second)
+    written = [(turn, turn.row()) for turn in stats.unsaved_turns]
+    assert sessions.voice_turns_save(session_id=session_id, rows=[row for _, row in written])
+    second.interrupted = True  # changed while its write was in flight: still due
+    stats.turns_saved(written)
+    assert stats.unsaved_turns == [second]
+    assert VoiceSession.objects.get(pk=session_id).turns == 2
+    stats.turn_changed(first)
+    first.interrupted = True  # barge-in after the answer: rewritten, not added
+    record = _end_record(session_id)
+    record["turns"] = [turn.row() for turn in stats.unsaved_turns]
+    sessions.voice_session_end(record)
+    row = VoiceSession.objects.get(pk=session_id)
+    assert row.turns == 2 and row.turn_set.filter(interrupted=True).count() == 2
+    assert row.turn_set.get(index=0).first_audio_ms == 300.0
 
 
 def _end_record(session_id: str, *, user_pk: int | None = None, frames_in: int = 10) -> dict:

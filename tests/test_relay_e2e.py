@@ -59,6 +59,13 @@ async def test_spoken_turn_in_process_engine(gateway, token_for, engine_spy) -> 
     assert updates[0]["session"]["type"] == "realtime" and turn_detection["create_response"] is False
     assert [e["type"] for e in engine_spy].count("response.create") == 1
     session_id = ready["session_id"]
+    # The answered turn is in the database while the session is still live.
+    deadline = time.monotonic() + 5
+    while not await VoiceTurn.objects.filter(session_id=session_id, index=0).aexists():
+        assert time.monotonic() < deadline, "turn row not written during the session"
+        await asyncio.sleep(0.05)
+    live = await VoiceSession.objects.aget(pk=session_id)
+    assert live.ended_at is None and live.turns == 1
     await client.close()
     row = await _row(session_id)
     assert row.end_reason == "client_closed" and row.upstream == "local" and row.turns == 1

@@ -219,7 +219,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         await self._end(reason, error_code, message, error=error_code)
 
     async def turn_completed(self, turn: TurnStats) -> None:
-        """Called by the GatewaySession after each response: keep the resume state current."""
+        """Called by the GatewaySession after each response: write the turn, keep the resume state current."""
+        self.session.spawn(session_services.turns_save(session_id=self.session_id, stats=self.session.stats))
         self.meta.turns = turn.index + 1
         self.meta.history = self.session.history if self.session else []
         self.meta.used_s = self._used_seconds()
@@ -357,7 +358,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         connected = time.monotonic() - self.connected_at
         meta = self.meta
         meta.used_s += connected
-        meta.history, meta.turns = session.history, meta.turns + len(session.stats.turns)
+        meta.history, meta.turns = session.history, session.turn_offset + session.stats.turn_count
         state = get_state()
         with contextlib.suppress(Exception):
             if reason != "draining":
@@ -381,7 +382,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             "voice session ended session_id=%s user_id=%s plan=%s reason=%s duration_s=%.1f frames_in=%d "
             "frames_out=%d turns=%d rag_queries=%d cost_usd=%.6f",
             meta.session_id, meta.user_id, meta.plan, reason, connected, session.stats.frames_in,
-            session.stats.frames_out, len(session.stats.turns), session.stats.rag_queries,
+            session.stats.frames_out, session.stats.turn_count, session.stats.rag_queries,
             session.stats.cost_usd,
         )
         clear_session()

@@ -105,7 +105,7 @@ class GatewaySession(UpstreamEventHandlers):
         """Called once by the consumer after admission: connect the upstream (raises UpstreamConnectError)."""
         await self._open_upstream()
         if self.early is not None:
-            self._spawn(self.early.start())
+            self.spawn(self.early.start())
 
     async def _open_upstream(self) -> None:
         upstream = self.upstream_factory()
@@ -133,7 +133,8 @@ class GatewaySession(UpstreamEventHandlers):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.upstream.close(), 2)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Called to run work tied to the session (its tasks are cancelled when it closes)."""
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -216,7 +217,7 @@ class GatewaySession(UpstreamEventHandlers):
             turn.speech_end_mono = time.monotonic()  # a text turn ends when the client asks for the answer
         self.response_requested = True
         self._idle.clear()
-        self._spawn(self._answer_turn(self.user_item_id, event.data))
+        self.spawn(self._answer_turn(self.user_item_id, event.data))
 
     async def _client_response_cancel(self, event: ClientEvent) -> None:
         if self.active_response_id is not None:
@@ -243,6 +244,7 @@ class GatewaySession(UpstreamEventHandlers):
         if turn is not None and not turn.interrupted:
             turn.interrupted = True
             self.stats.interruptions += 1
+            self.stats.turn_changed(turn)  # usually answered already: its row is rewritten
         if audio_end_ms <= 0:
             # A 0 ms truncate is rejected upstream; nothing was heard, so the item goes.
             self.assistant_audio.pop(item_id, None)
@@ -255,8 +257,9 @@ class GatewaySession(UpstreamEventHandlers):
 
     # --- turn logic ----------------------------------------------------------------------------------
     def _new_turn(self) -> TurnStats:
-        turn = TurnStats(index=self.turn_offset + len(self.stats.turns))
-        self.stats.turns.append(turn)
+        turn = TurnStats(index=self.turn_offset + self.stats.turn_count)
+        self.stats.turn_count += 1
+        self.stats.turn_changed(turn)
         return turn
 
     async def _answer_turn(self, user_item_id: str | None, response: dict[str, Any] | None = None) -> None:
@@ -353,7 +356,7 @@ class GatewaySession(UpstreamEventHandlers):
             and now - self.upstream_started > settings.VOICE_UPSTREAM_RECYCLE_SECONDS
         ):
             self.upstream_started = now
-            self._spawn(self.recycle())
+            self.spawn(self.recycle())
 
 
 _CLIENT_HANDLERS: dict[str, Callable[[GatewaySession, ClientEvent], Awaitable[None]]] = {

@@ -186,6 +186,7 @@ class UpstreamEventHandlers:
             if self.answering is not None and not self.answering.interrupted:
                 self.answering.interrupted = True
                 self.stats.interruptions += 1
+                self.stats.turn_changed(self.answering)
         self.turn = self._new_turn()
         self.turn.speech_start_mono = time.monotonic()
         self.turn_audio_start = event.get("audio_start_ms")
@@ -206,7 +207,7 @@ class UpstreamEventHandlers:
 
     async def _on_committed(self, event: dict[str, Any]) -> None:
         self.user_item_id = event.get("item_id")
-        self._spawn(self._answer_turn(self.user_item_id))
+        self.spawn(self._answer_turn(self.user_item_id))
 
     async def _on_transcript_delta(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id") or ""
@@ -271,6 +272,7 @@ class UpstreamEventHandlers:
             turn.response_status = status
             if status == "cancelled":
                 turn.interrupted = True
+            self.stats.turn_changed(turn)
             if turn.user_text or turn.assistant_text:
                 history_append(self.history, {"user": turn.user_text, "assistant": turn.assistant_text})
             # The texts live on in the (capped) history only: a 10-minute session keeps all its turns.
@@ -307,7 +309,7 @@ class UpstreamEventHandlers:
         if code == "session_expired":
             # OpenAI's 60-minute cap: the close that follows is expected; a fresh upstream takes over.
             self._retiring = self.upstream
-            self._spawn(self.recycle())
+            self.spawn(self.recycle())
             return False
         ours = str(error.get("event_id") or "").startswith(GATEWAY_EVENT_PREFIX)
         if code == "conversation_already_has_active_response":

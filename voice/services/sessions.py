@@ -1,9 +1,11 @@
 """Voice session lifecycle services: resume metadata in Redis, metrics rows in the database.
 
-Metrics are never lost: the row is created when the session starts and completed when the connection
-ends (the consumer calls this from `finally`, so SIGTERM and abrupt disconnects are covered). When the
-database is unavailable, the record is spooled to METRICS_SPOOL_DIR as JSON and replayed by the next
-successful write (or `voice_sessions --flush-spool`).
+Metrics are never lost: the row is created when the session starts, each turn's row is written once the
+turn is answered, and the session row is completed when the connection ends (the consumer calls this from
+`finally`, so SIGTERM and abrupt disconnects are covered); the end record carries every turn whose row
+could not be written yet. When the database is unavailable, the record is spooled to METRICS_SPOOL_DIR as
+JSON and replayed by the next successful write (or `voice_sessions --flush-spool`). Turn rows are upserts
+and the session's turn count is recounted from them, so a turn written twice is counted once.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any
 from django.conf import settings
 from django.core import signing
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
 
 from voice.models import VoiceSession, VoiceTurn
 from voice.realtime.accounting import SessionStats
+from voice.services.db import run_db_write
 from voice.services.state import get_state
 
 logger = logging.getLogger(__name__)
@@ -148,8 +152,53 @@ def session_end_record(
         "frames_in": stats.frames_in, "frames_out": stats.frames_out, "bytes_in": stats.bytes_in,
         "bytes_out": stats.bytes_out, "interruptions": stats.interruptions, "rag_queries": stats.rag_queries,
         "rag_hits": stats.rag_hits, "cost_usd": stats.cost_usd, "tokens": dict(stats.tokens),
-        "turns": [turn.row() for turn in stats.turns],
+        "turns": [turn.row() for turn in stats.unsaved_turns],
     }
+
+
+async def turns_save(*, session_id: str, stats: SessionStats) -> None:
+    """Called (as a session task) after each answered turn: write the turns whose latest state has no row."""
+    written = [(turn, turn.row()) for turn in stats.unsaved_turns]
+    if written and await run_db_write(voice_turns_save, session_id=session_id, rows=[row for _, row in written]):
+        stats.turns_saved(written)
+
+
+def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
+    """Write answered turns' rows during the session (sync; ORM). False leaves them to the end record:
+    database down, or the session row not created yet (it could not be at the start)."""
+    close_old_connections()
+    try:
+        with transaction.atomic():
+            if not VoiceSession.objects.filter(pk=session_id).exists():
+                return False
+            _upsert_turns(session_id, rows)
+        return True
+    except DatabaseError:
+        logger.warning("turn rows not written yet (database error): they go with the session's end record")
+        return False
+    finally:
+        close_old_connections()
+
+
+_TURN_UPDATE_FIELDS = [f.name for f in VoiceTurn._meta.concrete_fields if f.name not in ("id", "session", "index")]
+
+
+def _upsert_turns(session_id: str, rows: list[dict[str, Any]]) -> None:
+    """Insert or update turn rows, then recount the session's turns (idempotent: a replay changes nothing)."""
+    turns = []
+    for row in rows:
+        row = dict(row)
+        started = row.pop("started_at", None)
+        row["cost_usd"] = Decimal(str(round(row["cost_usd"], 6)))
+        turns.append(
+            VoiceTurn(session_id=session_id, started_at=datetime.fromtimestamp(started, tz=UTC) if started else None,
+                      **row)
+        )
+    if turns:
+        VoiceTurn.objects.bulk_create(turns, update_conflicts=True, unique_fields=["session", "index"],
+                                      update_fields=_TURN_UPDATE_FIELDS)
+    count = VoiceTurn.objects.filter(session_id=OuterRef("pk")).order_by().values("session_id").annotate(n=Count("id"))
+    VoiceSession.objects.filter(pk=session_id).update(turns=Coalesce(Subquery(count.values("n")), 0))
 
 
 def _write_record(record: dict[str, Any]) -> None:
@@ -160,7 +209,6 @@ def _write_record(record: dict[str, Any]) -> None:
     }
     counters.update({name: F(name) + value for name, value in record["tokens"].items()})
     counters["cost_usd"] = F("cost_usd") + Decimal(str(round(record["cost_usd"], 6)))
-    counters["turns"] = F("turns") + len(record["turns"])
     with transaction.atomic():
         session, _ = VoiceSession.objects.get_or_create(
             id=record["id"],
@@ -176,16 +224,7 @@ def _write_record(record: dict[str, Any]) -> None:
             ended_at=ended_at, end_reason=record["end_reason"], close_code=record["close_code"],
             error=record["error"],
         )
-        turns = []
-        for row in record["turns"]:
-            row = dict(row)
-            started = row.pop("started_at", None)
-            row["cost_usd"] = Decimal(str(round(row["cost_usd"], 6)))
-            turns.append(
-                VoiceTurn(session_id=session.pk,
-                          started_at=datetime.fromtimestamp(started, tz=UTC) if started else None, **row)
-            )
-        VoiceTurn.objects.bulk_create(turns, ignore_conflicts=True)
+        _upsert_turns(session.pk, record["turns"])
 
 
 def spool_record(record: dict[str, Any]) -> Path:
