@@ -38,6 +38,9 @@ HISTORY_TURNS = 20  # turns a session remembers for a new upstream (recycle, res
 # Per-item bookkeeping (audio sent per assistant item, partial transcripts) keeps only the most recent items:
 # a session lasts up to an hour, and only recent items can still be truncated or completed.
 RECENT_ITEMS = 16
+# The turn an assistant item answers (to flag it interrupted when the client truncates it) is kept for the
+# newest items only: a barge-in cuts what is playing now. Kept for all 16, each session held 16 turns.
+TURN_ITEMS = 2
 _AUDIO_DELTA_HEAD = re.compile(rb'\{"type": ?"response\.output_audio\.delta"')
 # OpenAI's own field order, read in one match; other orders and spacings fall back to _DELTA_IDS.
 _OPENAI_DELTA_HEAD = re.compile(
@@ -242,10 +245,11 @@ class UpstreamEventHandlers:
         if item_id not in self.assistant_audio:
             self.assistant_audio[item_id] = 0
             if len(self.assistant_audio) > RECENT_ITEMS:
-                evicted, _ = self.assistant_audio.popitem(last=False)
-                self.item_turn.pop(evicted, None)
+                self.assistant_audio.popitem(last=False)
             if self.answering is not None:
                 self.item_turn[item_id] = self.answering
+                if len(self.item_turn) > TURN_ITEMS:
+                    del self.item_turn[next(iter(self.item_turn))]
         self.assistant_audio[item_id] += size
         turn = self.answering
         if turn is not None and turn.first_audio_ms is None and turn.speech_end_mono is not None:

@@ -165,8 +165,8 @@ async def turns_save(*, session_id: str, stats: SessionStats) -> None:
 
 def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
     """Write answered turns' rows during the session (sync; ORM). False leaves them to the end record:
-    database down, or the session row not created yet (it could not be at the start)."""
-    close_old_connections()
+    database down, or the session row not created yet (it could not be at the start). The writer thread
+    keeps its connection between these (a turn every few seconds per session): no connect per turn."""
     try:
         with transaction.atomic():
             if not VoiceSession.objects.filter(pk=session_id).exists():
@@ -176,8 +176,6 @@ def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
     except DatabaseError:
         logger.warning("turn rows not written yet (database error): they go with the session's end record")
         return False
-    finally:
-        close_old_connections()
 
 
 _TURN_UPDATE_FIELDS = [f.name for f in VoiceTurn._meta.concrete_fields if f.name not in ("id", "session", "index")]
