@@ -154,6 +154,8 @@ MAX_CONCURRENT_SESSIONS_PER_USER = env.int("MAX_CONCURRENT_SESSIONS_PER_USER", d
 SESSION_TTL = env.int("SESSION_TTL", default=3600)
 VOICE_TICKET_TTL = env.int("VOICE_TICKET_TTL", default=30)
 VOICE_DRAIN_GRACE_SECONDS = env.float("VOICE_DRAIN_GRACE_SECONDS", default=2.0)
+# Seconds between returns of free heap pages to the OS (glibc malloc_trim; 0: never). See voice/server.py.
+VOICE_MALLOC_TRIM_SECONDS = env.float("VOICE_MALLOC_TRIM_SECONDS", default=60.0)
 
 # Local realtime engine knobs (benchmarks reproduce OpenAI timing with them).
 LOCAL_ENGINE_FIRST_AUDIO_MS = env.int("LOCAL_ENGINE_FIRST_AUDIO_MS", default=0)

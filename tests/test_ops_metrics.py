@@ -83,3 +83,33 @@ async def test_event_loop_stalls_are_measured_and_logged(caplog) -> None:
     probe.cancel()
     assert _histogram_count("voice_event_loop_lag_seconds") > before + 3
     assert any("event loop stalled" in r.getMessage() for r in caplog.records)
+
+
+async def test_free_heap_pages_go_back_to_the_os(settings) -> None:
+    """Few-KB objects (audio frames, deltas) live in glibc's heap, which only ever returns its top: the
+    periodic malloc_trim hands back free pages from anywhere in it (the soak's RSS creep)."""
+    import asyncio
+    import os
+
+    import pytest
+
+    from voice.server import _malloc_trim, trim_heap_periodically
+
+    if _malloc_trim() is None:
+        pytest.skip("not glibc")
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+    settings.VOICE_MALLOC_TRIM_SECONDS = 0
+    await asyncio.wait_for(trim_heap_periodically(), 1)  # 0: off, returns at once
+    held = [os.urandom(13000) for _ in range(4000)]  # ~52 MB of delta-sized objects
+    del held[::2]  # every other one freed: holes all over the heap, none at its top
+    before = rss_mb()
+    settings.VOICE_MALLOC_TRIM_SECONDS = 0.05
+    trimmer = asyncio.get_running_loop().create_task(trim_heap_periodically())
+    await asyncio.sleep(0.5)
+    trimmer.cancel()
+    assert before - rss_mb() > 10, (before, rss_mb())
+    assert len(held) == 2000
