@@ -171,6 +171,20 @@ def proc_rss_mb(pid: int) -> float:
         return int(f.read().split()[1]) * PAGE / 1e6
 
 
+def gateway_gauges(port: int, names: tuple[str, ...], timeout: float = 2.0) -> dict[str, float | None]:
+    """Unlabelled gauges of a gateway's /metrics (e.g. voice_event_loop_tasks): what /proc cannot see."""
+    import urllib.request
+
+    values: dict[str, float | None] = dict.fromkeys(names)
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                              timeout=timeout) as response:
+        for line in response.read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in values:
+                values[name] = float(value)
+    return values
+
+
 def cpu_busy_seconds() -> dict[int, float]:
     """Busy time of each core since boot (user+nice+system+irq+softirq+steal), from /proc/stat."""
     out = {}

@@ -69,6 +69,7 @@ from bench.common import (
     bench_env,
     fmt,
     free_port,
+    gateway_gauges,
     issue_tokens,
     loadavg,
     machine,
@@ -151,6 +152,8 @@ def probe(pid: int, *, gw_port: int, engine_port: int, db_path: str, rag_path: s
         "anon_inodes": sum(1 for t in targets if t.startswith("anon_inode:")),
         "cpu_s": proc_cpu_seconds(pid),
     }
+    gauges = gateway_gauges(gw_port, ("voice_event_loop_tasks", "voice_active_sessions"))
+    out["loop_tasks"], out["active_sessions"] = gauges["voice_event_loop_tasks"], gauges["voice_active_sessions"]
     if redis_client is not None:
         try:
             out["redis_connected_clients"] = int(redis_client.info("clients")["connected_clients"])
@@ -158,6 +161,11 @@ def probe(pid: int, *, gw_port: int, engine_port: int, db_path: str, rag_path: s
         except Exception as exc:
             out["redis_error"] = repr(exc)[:120]
     return out
+
+
+def print_probe(p: dict[str, Any]) -> None:
+    print(f"{p['phase']}: rss {p['rss_mb']:.1f} MB fds {p['fds']} threads {p['threads']} tasks {p['loop_tasks']} "
+          f"sessions {p['active_sessions']} sock {p['sock']}", flush=True)
 
 
 # ==== audio ====================================================================================================
@@ -364,18 +372,20 @@ def _growth(samples: list[dict[str, Any]], duration: float) -> dict[str, Any]:
 
 def _flat(p: dict[str, Any]) -> dict[str, Any]:
     keys = ("fds", "sockets", "threads", "sqlite_db_handles", "sqlite_rag_handles", "pipes", "anon_inodes",
-            "rss_mb", "redis_connected_clients", "redis_clients_db13")
+            "loop_tasks", "active_sessions", "rss_mb", "redis_connected_clients", "redis_clients_db13")
     out = {k: p.get(k) for k in keys}
     out.update({f"sock_{k}": v for k, v in p["sock"].items()})
     return out
 
 
 # Exact: a connection left behind is a leak. Tolerant: pools keep their high-water mark.
-EXACT = ("sock_client", "sock_upstream", "sock_listen", "sock_other_tcp", "sqlite_db_handles")
+EXACT = ("sock_client", "sock_upstream", "sock_listen", "sock_other_tcp", "sqlite_db_handles", "active_sessions")
 # Pools (Redis connections, and the fds/sockets they are) may end at the soak's own high-water mark.
 POOLED = ("sock_redis", "sockets", "fds")
-TOLERANCE = {"fds": 4, "sockets": 4, "threads": 2, "sock_redis": 3, "sock_non_tcp": 2, "sqlite_rag_handles": 1,
-             "pipes": 0, "anon_inodes": 0}
+# loop_tasks: a live session owns ~7, so one session's leftovers exceed the tolerance (a scrape's own task
+# and a rollout poll in flight may be counted at either probe).
+TOLERANCE = {"loop_tasks": 2, "fds": 4, "sockets": 4, "threads": 2, "sock_redis": 3, "sock_non_tcp": 2,
+             "sqlite_rag_handles": 1, "pipes": 0, "anon_inodes": 0}
 
 
 def _pool_plateau(key: str, samples: list[dict[str, Any]], after: dict[str, Any]) -> int | None:
@@ -533,8 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             return p
 
         cold = take("cold")
-        print(f"cold: rss {cold['rss_mb']:.1f} MB fds {cold['fds']} threads {cold['threads']} sock {cold['sock']}",
-              flush=True)
+        print_probe(cold)
 
         # --- priming wave ---------------------------------------------------------------------------------
         prime_users = [f"soak-{tag}-prime-{i}" for i in range(args.sessions)]
@@ -546,8 +555,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(prime.connect_errors)} connect errors in {time.time() - t:.0f} s", flush=True)
         time.sleep(args.settle)
         warm = take("warm")
-        print(f"warm: rss {warm['rss_mb']:.1f} MB fds {warm['fds']} threads {warm['threads']} sock {warm['sock']}",
-              flush=True)
+        print_probe(warm)
 
         # --- soak --------------------------------------------------------------------------------------
         users = [f"soak-{tag}-run-{i}" for i in range(args.sessions)]
@@ -569,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                 last_cpu, last_t, last_sent = s["cpu_s"], now, tot.sent
                 samples.append(s)
                 print(f"t={s['t_run']:5.0f}s live {tot.live:3d} rss {s['rss_mb']:6.1f} MB fds {s['fds']:4d} "
-                      f"thr {s['threads']:2d} client/up/redis {s['sock']['client']}/{s['sock']['upstream']}/"
+                      f"thr {s['threads']:2d} tasks {s['loop_tasks']} "
+                      f"client/up/redis {s['sock']['client']}/{s['sock']['upstream']}/"
                       f"{s['sock']['redis']} sqlite {s['sqlite_db_handles']} cpu {s['server_cpu_util']:.2f} "
                       f"send {s['send_rate']:.0f}/s late {tot.late} turns {len(tot.turns)} "
                       f"load {s['loadavg']}", flush=True)
@@ -581,8 +590,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.responses} responses; all closed {closed_wall - soak_start_wall:.0f} s after start", flush=True)
         time.sleep(args.settle)
         after = take("after", closed_wall - soak_start_wall + args.settle)
-        print(f"after: rss {after['rss_mb']:.1f} MB fds {after['fds']} threads {after['threads']} "
-              f"sock {after['sock']}", flush=True)
+        print_probe(after)
         gw_log_tail = gateway.log_path.read_text(errors="replace")[-3000:]
     finally:
         if gateway is not None:

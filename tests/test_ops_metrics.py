@@ -113,3 +113,50 @@ async def test_free_heap_pages_go_back_to_the_os(settings) -> None:
     trimmer.cancel()
     assert before - rss_mb() > 10, (before, rss_mb())
     assert len(held) == 2000
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_ended_sessions_leave_no_tasks_behind(gateway, token_for) -> None:
+    """voice_event_loop_tasks counts the serving loop's tasks (the soak's before/after probe): sessions that
+    ran a turn and ended, cleanly or abruptly, give back every task they started."""
+    import asyncio
+    import re
+
+    import httpx
+
+    from tests.live import VoiceClient
+
+    async def loop_tasks() -> int:
+        async with httpx.AsyncClient(base_url=gateway.http_url) as http:
+            body = (await http.get("/metrics")).text
+        return int(float(re.search(r"^voice_event_loop_tasks (\S+)$", body, re.M).group(1)))
+
+    async def session_with_a_turn() -> VoiceClient:
+        client = await VoiceClient.open(gateway.ws_url, token=token_for())
+        await client.wait_for("gateway.session.ready")
+        await client.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Litter moisture?"}]}})
+        await client.send({"type": "response.create"})
+        await client.wait_for("response.done", timeout=15)
+        return client
+
+    async def settled(expected: int) -> int:
+        count = await loop_tasks()
+        for _ in range(100):
+            if metrics.ACTIVE_SESSIONS._value.get() == 0 and count <= expected:
+                break
+            await asyncio.sleep(0.05)
+            count = await loop_tasks()
+        return count
+
+    await (await session_with_a_turn()).close()  # warm-up: lazily started process-wide tasks (pools, layer)
+    baseline = await settled(10**6)
+    await asyncio.sleep(0.3)
+    baseline = min(baseline, await loop_tasks())
+    clients = [await session_with_a_turn() for _ in range(4)]
+    assert await loop_tasks() >= baseline + 4  # the count sees sessions' tasks
+    for client in clients[:2]:
+        await client.close()
+    for client in clients[2:]:
+        client.ws.transport.abort()  # abrupt disconnect: no close handshake
+    assert await settled(baseline) <= baseline

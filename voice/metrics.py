@@ -21,6 +21,11 @@ FRAMES = Counter("voice_frames_total", "WebSocket frames relayed", ["direction"]
 BYTES = Counter("voice_bytes_total", "WebSocket bytes relayed", ["direction"])
 UPSTREAM_ERRORS = Counter("voice_upstream_errors_total", "Upstream error events, by code", ["code"])
 REDIS_FALLBACK = Gauge("voice_redis_fallback", "1 when this instance serves from the in-memory fallback")
+EVENT_LOOP_TASKS = Gauge(
+    "voice_event_loop_tasks",
+    "asyncio tasks alive on the serving event loop: each live session owns a few; an idle instance returns to "
+    "its baseline, so steady growth is a task leak",
+)
 COST = Counter("voice_cost_usd_total", "Estimated OpenAI cost in USD", ["plan"])
 LOOP_LAG = Histogram(
     "voice_event_loop_lag_seconds",

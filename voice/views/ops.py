@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -70,6 +71,7 @@ async def metrics_view(request: HttpRequest) -> HttpResponse:
     if not metrics_allowed(request):
         return HttpResponse("Forbidden\n", status=403, content_type="text/plain")
     metrics.REDIS_FALLBACK.set(1 if get_state().using_fallback else 0)
+    metrics.EVENT_LOOP_TASKS.set(len(asyncio.all_tasks()))  # this view runs on the serving loop (async)
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
 
 
