@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -307,3 +308,136 @@ def test_redis_client_version_lookup_is_cached() -> None:
 
     assert redis.utils.get_lib_version() == redis.utils.get_lib_version()
     assert redis.utils.get_lib_version.cache_info().hits >= 1
+
+
+# Every recoverable code of the protocol notes (§9): relayed to the client, the session goes on, its row is
+# saved. (Fatal codes: test_fatal_upstream_errors_end_the_session; session_expired: the recycle test.)
+@pytest.mark.parametrize("code", ["conversation_already_has_active_response", "response_cancel_not_active",
+                                  "unsupported_content_type", "missing_required_parameter"])
+async def test_every_recoverable_protocol_error_is_relayed_and_the_session_goes_on(gateway, token_for, upstreams,
+                                                                                   code):
+    await test_recoverable_errors_are_relayed_and_the_session_goes_on(gateway, token_for, upstreams, code)
+
+
+UNEXPECTED_UPSTREAM_EVENTS = [
+    "[]", '"text"', "42", "null", '{"type": 42}', '{"no_type": true}',
+    '{"type": "response.done"}', '{"type": "response.done", "response": "oops"}',
+    '{"type": "response.done", "response": {"id": 7, "status": ["x"], "usage": "many", "status_details": 1}}',
+    '{"type": "response.created", "response": null}', '{"type": "response.created", "response": {"id": {}}}',
+    '{"type": "error"}', '{"type": "error", "error": "boom"}', '{"type": "error", "error": {"code": ["x"]}}',
+    '{"type": "response.output_audio.delta", "delta": 5, "response_id": ["r"], "item_id": null}',
+    '{"type": "response.output_audio.delta", "delta": "!!!not base64", "response_id": "r", "item_id": "i"}',
+    '{"type": "input_audio_buffer.speech_started", "audio_start_ms": "soon", "item_id": {}}',
+    '{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": "soon", "item_id": 3}',
+    '{"type": "input_audio_buffer.committed", "item_id": []}',
+    '{"type": "conversation.item.input_audio_transcription.delta", "item_id": 1, "delta": {"a": 1}}',
+    '{"type": "conversation.item.input_audio_transcription.completed", "item_id": "x", "transcript": {"a": 1}}',
+    '{"type": "response.output_audio_transcript.done", "transcript": null, "item_id": 9}',
+    '{"type": "conversation.item.added", "item": "str"}', '{"type": "conversation.item.deleted", "item_id": 5}',
+    '{"type": "session.updated", "session": []}',
+    '{"type": "a.future.event", "payload": {"nested": [1, 2, 3]}}',
+]
+
+
+async def test_unexpected_upstream_events_never_break_the_session(gateway, token_for, upstreams) -> None:
+    """Valid JSON of the wrong shape (a field of another type, a missing object, an event type from the
+    future) must not end the session: the gateway drops or relays it and the next turn is answered."""
+    created, _ = upstreams
+    client, session_id = await _open(gateway, token_for())
+    for raw in UNEXPECTED_UPSTREAM_EVENTS:
+        gateway.loop.call_soon_threadsafe(created[0].session.emit_raw, raw)
+    await _text_turn(client)
+    assert (await client.wait_for("response.done", timeout=15))["response"]["status"] == "completed"
+    assert not client.seen("gateway.error")
+    await client.close()
+    assert (await _row(session_id)).end_reason == "client_closed"
+
+
+def _fuzzed_upstream_event(data) -> dict:
+    """A known server event type whose schema fields each get the right type, any JSON value, or nothing."""
+    from hypothesis import strategies as st
+
+    from voice.realtime.upstream_schema import SERVER_EVENT_FIELDS
+
+    leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+    any_json = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+    right = {str: st.sampled_from(["r1", "item_1", "", "server_error", "session_expired", "insufficient_quota",
+                                   "completed", "failed", "cancelled", "gw_1"]) | st.text(max_size=12),
+             int: st.integers(min_value=-10, max_value=10**7), dict: st.builds(dict)}
+    kind = data.draw(st.sampled_from(sorted(SERVER_EVENT_FIELDS)))
+    event: dict = {"type": kind}
+    for path, expected in SERVER_EVENT_FIELDS[kind].items():
+        choice = data.draw(st.sampled_from(["absent", "right", "right", "any"]))
+        if choice == "absent":
+            continue
+        *parents, leaf_key = path.split(".")
+        node = event
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[leaf_key] = data.draw(right[expected] if choice == "right" else any_json)
+    return event
+
+
+def test_fuzzed_upstream_event_sequences_never_crash_the_session() -> None:
+    """Hypothesis: sequences of server events of every handled type with fields of the right type, of any
+    JSON type, or missing. No handler raises; only a fatal code ends the session (the reader loop turns any
+    handler exception into internal_error, so one would show here as a raise)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from voice.realtime.session import GatewaySession
+    from voice.realtime.upstream_events import FATAL_ERROR_CODES
+
+    class Listener:
+        def __init__(self) -> None:
+            self.failed: list[str] = []
+
+        async def session_ready(self) -> None: ...
+
+        async def session_failed(self, reason: str, error_code: str, message: str) -> None:
+            self.failed.append(reason)
+
+        async def turn_completed(self, turn) -> None: ...
+
+    async def feed(events: list[dict]) -> tuple[Listener, int]:
+        relayed: list[str] = []
+
+        async def send_client(text: str) -> None:
+            relayed.append(text)
+
+        listener = Listener()
+        session = GatewaySession(session_id="s", send_client=send_client, listener=listener,  # type: ignore[arg-type]
+                                 upstream_factory=None, send_client_nowait=lambda payload: True)  # type: ignore[arg-type]
+        session.spawn = lambda coro: coro.close()  # turn answers and recycles: not this test's subject
+        for event in events:
+            await session._on_upstream_text(json.dumps(event))
+            session._relay_upstream_nowait(json.dumps(event, separators=(",", ":")).encode())
+        for text in relayed:
+            assert isinstance(json.loads(text), dict)
+        return listener, len(relayed)
+
+    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def run(data) -> None:
+        events = [_fuzzed_upstream_event(data) for _ in range(data.draw(st.integers(1, 6)))]
+        listener, _ = asyncio.run(feed(events))
+        fatal = any(e["type"] in ("error", "response.done") and FATAL_ERROR_CODES & set(map(str, _codes(e)))
+                    for e in events)
+        assert set(listener.failed) <= ({"upstream_error"} if fatal else set()), (events, listener.failed)
+
+    run()
+
+
+def _codes(event: dict) -> list:
+    """The error code(s) an error or failed response.done carries, whatever the shape of the rest."""
+    path = ["error"] if event["type"] == "error" else ["response", "status_details", "error"]
+    node = event
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return []
+    return [node.get("code") or (node.get("type") if event["type"] == "error" else None)]  # as the gateway reads it

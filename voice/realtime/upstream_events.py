@@ -21,6 +21,7 @@ from voice import metrics
 from voice.realtime.client_events import dump_event
 from voice.realtime.session_config import session_update_event, strip_private_session_fields
 from voice.realtime.upstream import Upstream, UpstreamClosed
+from voice.realtime.upstream_schema import malformed_field
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +124,14 @@ class UpstreamEventHandlers:
     async def _on_upstream_text(self, text: str) -> None:
         try:
             event = json.loads(text)
-            kind = event["type"]
-        except (ValueError, KeyError, TypeError):
-            logger.warning("malformed upstream event dropped")
+        except ValueError:
+            event = None
+        wrong = malformed_field(event)
+        if wrong is not None:
+            logger.warning("malformed upstream event dropped (%s)", wrong)
             metrics.UPSTREAM_ERRORS.labels(code="malformed_event").inc()
             return
+        kind = event["type"]
         if kind in _DELTA_TYPES and event.get("response_id") in self.cancelled_responses:
             return  # late deltas of a cancelled response must not be played
         handler = _UPSTREAM_HANDLERS.get(kind)
