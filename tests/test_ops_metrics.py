@@ -85,33 +85,53 @@ async def test_event_loop_stalls_are_measured_and_logged(caplog) -> None:
     assert any("event loop stalled" in r.getMessage() for r in caplog.records)
 
 
-async def test_free_heap_pages_go_back_to_the_os(settings) -> None:
-    """Few-KB objects (audio frames, deltas) live in glibc's heap, which only ever returns its top: the
-    periodic malloc_trim hands back free pages from anywhere in it (the soak's RSS creep)."""
+async def test_free_heap_pages_go_back_to_the_os_only_when_idle(settings, monkeypatch) -> None:
+    """Few-KB objects (audio frames, deltas) live in glibc's heap, which only ever returns its top:
+    malloc_trim hands back free pages from anywhere in it, but stalls the loop's allocations while it walks
+    the heap, so it runs only while no session is live, once per idle period."""
     import asyncio
     import os
 
     import pytest
 
-    from voice.server import _malloc_trim, trim_heap_periodically
+    from voice import server
+    from voice.realtime import registry
 
-    if _malloc_trim() is None:
+    real_trim = server._malloc_trim()
+    if real_trim is None:
         pytest.skip("not glibc")
+    calls: list[int] = []
+
+    def counting_trim(pad: int) -> int:
+        calls.append(pad)
+        return real_trim(pad)
+
+    monkeypatch.setattr(server, "_malloc_trim", lambda: counting_trim)
 
     def rss_mb() -> float:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
     settings.VOICE_MALLOC_TRIM_SECONDS = 0
-    await asyncio.wait_for(trim_heap_periodically(), 1)  # 0: off, returns at once
+    await asyncio.wait_for(server.trim_heap_when_idle(), 1)  # 0: off, returns at once
     held = [os.urandom(13000) for _ in range(4000)]  # ~52 MB of delta-sized objects
     del held[::2]  # every other one freed: holes all over the heap, none at its top
     before = rss_mb()
     settings.VOICE_MALLOC_TRIM_SECONDS = 0.05
-    trimmer = asyncio.get_running_loop().create_task(trim_heap_periodically())
-    await asyncio.sleep(0.5)
-    trimmer.cancel()
-    assert before - rss_mb() > 10, (before, rss_mb())
+    trimmer = asyncio.get_running_loop().create_task(server.trim_heap_when_idle())
+    try:
+        await asyncio.sleep(0.3)
+        assert calls == [0]  # idle: trimmed once, not again while nothing ran
+        assert before - rss_mb() > 10, (before, rss_mb())
+        session = type("Live", (), {"session_id": "s"})()
+        registry.register(session)  # a live session: its audio must not wait for a trim
+        await asyncio.sleep(0.3)
+        assert calls == [0]
+        registry.unregister(session)  # idle again, something ran since: one more trim
+        await asyncio.sleep(0.3)
+        assert calls == [0, 0]
+    finally:
+        trimmer.cancel()
     assert len(held) == 2000
 
 

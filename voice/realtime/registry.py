@@ -21,6 +21,7 @@ class Drainable(Protocol):
 
 _live: dict[asyncio.AbstractEventLoop, set[Any]] = {}
 _draining: set[asyncio.AbstractEventLoop] = set()
+_admitted = 0  # sessions registered since start (any loop): tells an idle instance whether anything ran
 
 
 def instance_id() -> str:
@@ -30,6 +31,8 @@ def instance_id() -> str:
 
 def register(consumer: Drainable) -> None:
     """Called when a session is admitted."""
+    global _admitted
+    _admitted += 1
     _live.setdefault(asyncio.get_running_loop(), set()).add(consumer)
 
 
@@ -41,6 +44,11 @@ def unregister(consumer: Drainable) -> None:
 def live_sessions() -> list[Any]:
     """The live consumers on this event loop."""
     return list(_live.get(asyncio.get_running_loop(), ()))
+
+
+def sessions_admitted() -> int:
+    """How many sessions this process has admitted since it started."""
+    return _admitted
 
 
 def is_draining() -> bool:
