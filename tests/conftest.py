@@ -193,62 +193,20 @@ def engine_spy(monkeypatch):
 
 
 # --- Whole-suite secret scan -------------------------------------------------------------------------
-# Every log line the suite produces goes through a copy of the project's own console handler (same
-# filters, same formatter) into var/test-logs/suite.log; at the end the file is searched for anything
-# secret-shaped. Tests deliberately send JWTs in query strings, subprotocols and bodies, API keys and
-# Redis passwords: none may surface.
-import logging  # noqa: E402
-import re  # noqa: E402
-
-SECRET_PATTERNS = [
-    re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # a JWT
-    re.compile(r"sk-(?!\*\*\*)[A-Za-z0-9_-]{8,}"),  # an API key
-    re.compile(r"topsecret|hunter2"),  # the Redis passwords tests use
-    re.compile(r"[?&](?:token|ticket|resume)=(?!\*\*\*)[A-Za-z0-9._~-]{16,}"),
-]
-_SUITE_LOG = Path(__file__).resolve().parent.parent / "var" / "test-logs" / "suite.log"
-
-
-_scan_handler: logging.Handler | None = None
-_SCANNED_LOGGERS = ("", "uvicorn.access", "uvicorn.error", "django.channels.server", "daphne", "websockets")
+# Logs, Sentry envelopes and server responses of the whole suite are recorded under var/test-logs/ and
+# searched for anything secret-shaped at the end (tests/secret_scan.py): a hit fails the run.
+from tests import secret_scan  # noqa: E402
 
 
 def pytest_sessionstart(session) -> None:
-    global _scan_handler
-    _SUITE_LOG.parent.mkdir(parents=True, exist_ok=True)
-    _SUITE_LOG.write_text("")
-    # Append mode: Django's logging setup closes existing handlers; an "a" handler reopens on next use.
-    _scan_handler = logging.FileHandler(_SUITE_LOG, mode="a", encoding="utf-8")
-    _scan_handler.setLevel(logging.DEBUG)
+    secret_scan.start()
 
 
 @pytest.fixture(autouse=True)
 def _secret_scan_handler():
-    """(Re)attach the scan handler: Django's setup re-applies LOGGING, which drops foreign handlers."""
-    if _scan_handler is None:
-        yield
-        return
-    import intelia_voice.asgi  # noqa: F401 - its django.setup() re-applies LOGGING: do it before attaching
-    template = next((h for h in logging.getLogger().handlers if getattr(h, "name", "") == "console"), None)
-    if template is not None:
-        _scan_handler.filters = list(template.filters)
-        _scan_handler.setFormatter(template.formatter)
-    for name in _SCANNED_LOGGERS:
-        logger = logging.getLogger(name)
-        if _scan_handler not in logger.handlers:
-            logger.addHandler(_scan_handler)
+    secret_scan.attach_log_handler()
     yield
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    if not _SUITE_LOG.exists():
-        return
-    leaks = []
-    with _SUITE_LOG.open(encoding="utf-8", errors="replace") as log:
-        for number, line in enumerate(log, 1):
-            if any(p.search(line) for p in SECRET_PATTERNS):
-                leaks.append(f"{number}: {line.strip()[:300]}")
-    if leaks:
-        print("\nSECRET SCAN FAILED: secret-shaped text in captured logs (var/test-logs/suite.log):")
-        print("\n".join(leaks[:20]))
-        session.exitstatus = 1
+    secret_scan.finish(session)

@@ -16,6 +16,7 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests import secret_scan
 from voice.server import VoiceServer, server_config
 
 FRAME_BYTES = 1920  # 40 ms of 24 kHz pcm16
@@ -118,8 +119,12 @@ class VoiceClient:
             params.append(query)
         full = url + ("?" + "&".join(params) if params else "")
         headers = {"Origin": origin} if origin else None
-        ws = await connect(full, subprotocols=subprotocols, additional_headers=headers, max_size=None,
-                           open_timeout=10, proxy=None)
+        try:
+            ws = await connect(full, subprotocols=subprotocols, additional_headers=headers, max_size=None,
+                               open_timeout=10, proxy=None)
+        except websockets.InvalidStatus as exc:  # a refused handshake is a response too: secret-scanned
+            secret_scan.record_refused_handshake(exc.response)
+            raise
         return cls(ws)
 
     async def send(self, event: dict[str, Any]) -> None:
@@ -136,7 +141,10 @@ class VoiceClient:
             raw = await asyncio.wait_for(self.ws.recv(), timeout)
         except websockets.ConnectionClosed as exc:
             self.close_code = exc.rcvd.code if exc.rcvd else 1006
+            if exc.rcvd:
+                secret_scan.record_ws("close", f"{exc.rcvd.code} {exc.rcvd.reason}")
             raise
+        secret_scan.record_ws("<-", raw)  # everything the gateway sends a client is secret-scanned
         event = json.loads(raw)
         self.events.append(event)
         self._cursor += 1
@@ -162,6 +170,7 @@ class VoiceClient:
         if self.close_code is None:
             await asyncio.wait_for(self.ws.wait_closed(), max(0.1, deadline - time.monotonic()))
             self.close_code = self.ws.close_code
+            secret_scan.record_ws("close", f"{self.ws.close_code} {self.ws.close_reason}")
         return self.close_code  # type: ignore[return-value]
 
     def seen(self, kind: str) -> list[dict[str, Any]]:
