@@ -7,19 +7,15 @@ import json
 import logging
 from types import SimpleNamespace
 
-import pytest
 import sentry_sdk
 from django.http import HttpResponse, StreamingHttpResponse
 from django.test import RequestFactory
 from sentry_sdk.envelope import Envelope
 
-from tests import secret_scan
-from tests.test_ops_sentry import CaptureTransport
-from voice.observability import sentry as obs
+from tests import secret_scan, test_ops_sentry
+from tests.test_ops_sentry import JWT, SK
 
-JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ1c2VyX2lkIjoidTEyMyIsInBsYW4iOiJlbGl0ZSJ9"
-       ".c2lnbmF0dXJlLXNlY3JldA")
-SK = "sk-proj-AbCdEf0123456789SECRETkey"
+capture = test_ops_sentry.capture  # the Sentry fixture (a capturing transport), shared
 
 
 def _lines(path) -> list[str]:
@@ -81,17 +77,6 @@ async def test_async_django_responses_are_recorded(async_client, db):
     before = len(_lines(secret_scan.recording(secret_scan.RESPONSES)))
     await async_client.post("/v1/voice/ticket", headers={"Authorization": f"Bearer {JWT}"})
     assert _lines(secret_scan.recording(secret_scan.RESPONSES))[before] == "=== http 401 POST /v1/voice/ticket"
-
-
-@pytest.fixture
-def capture():
-    transport = CaptureTransport()
-    obs.init_sentry(dsn="https://public@example.invalid/1", environment="test", release="9.9.9",
-                    traces_sample_rate=1.0, profiles_sample_rate=0.0, transport=transport)
-    yield transport
-    sentry_sdk.get_client().close()
-    sentry_sdk.init()
-    obs._state["initialised"] = False
 
 
 def test_sentry_envelopes_are_recorded_after_scrubbing(capture):
