@@ -16,7 +16,7 @@ from django.conf import settings
 
 from voice.services import sessions as session_services
 from voice.services.access import concurrency_key
-from voice.services.rollout import BROADCAST_GROUP, rollout_snapshot
+from voice.services.rollout import BROADCAST_GROUP, rollout_cache_clear, rollout_snapshot
 from voice.services.state import get_state
 from voice.services.stats import ACTIVE_SESSIONS_KEY
 
@@ -90,6 +90,9 @@ class SessionSupervision:
     async def session_terminate(self, message: dict[str, Any]) -> None:
         """Called by the channel layer: the kill switch was engaged, or an operator ended this session."""
         if message.get("code") == "feature_disabled":
+            # The row changed before this broadcast, maybe on another instance: this process's cached
+            # rollout (up to 1 s old) would still admit the next connection.
+            rollout_cache_clear()
             await self._end("feature_disabled", "feature_disabled", "Voice has been disabled")
         else:
             await self._end("terminated", "terminated", "Session ended by an operator")
