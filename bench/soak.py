@@ -88,6 +88,8 @@ RING = 2048  # send times kept per session (82 s of frames)
 LATE_MS = 40.0  # a frame sent more than one frame period behind schedule is "late"
 MEMORY_GROWTH_LIMIT = 0.05
 REDIS_PORT = 6379
+# Full collections (each stalls every session's audio): how many, and their total time, at each probe.
+GC_GEN2 = ('voice_gc_pause_seconds_count{generation="2"}', 'voice_gc_pause_seconds_sum{generation="2"}')
 ENGINE_ENV = {"LOCAL_ENGINE_FIRST_AUDIO_MS": 300, "LOCAL_ENGINE_TTS": "tone", "LOCAL_ENGINE_TRANSCRIPT_DELAY_MS": 0,
               "RAG_BACKEND": "off"}  # like OpenAI, the engine never retrieves by itself
 GATEWAY_ENV = {"VOICE_UPSTREAM": "openai", "OPENAI_API_KEY": "x", "RAG_BACKEND": "local",
@@ -152,8 +154,9 @@ def probe(pid: int, *, gw_port: int, engine_port: int, db_path: str, rag_path: s
         "anon_inodes": sum(1 for t in targets if t.startswith("anon_inode:")),
         "cpu_s": proc_cpu_seconds(pid),
     }
-    gauges = gateway_gauges(gw_port, ("voice_event_loop_tasks", "voice_active_sessions"))
+    gauges = gateway_gauges(gw_port, ("voice_event_loop_tasks", "voice_active_sessions", *GC_GEN2))
     out["loop_tasks"], out["active_sessions"] = gauges["voice_event_loop_tasks"], gauges["voice_active_sessions"]
+    out["gc2_count"], out["gc2_seconds"] = (gauges[name] for name in GC_GEN2)
     if redis_client is not None:
         try:
             out["redis_connected_clients"] = int(redis_client.info("clients")["connected_clients"])
@@ -619,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "soak", "args": vars(args), "machine": info, "loadavg_at_end": loadavg(),
         "elapsed_s": time.time() - started, "gateway_env": GATEWAY_ENV, "engine_env": ENGINE_ENV,
         "verdicts": verdicts, "memory": memory, "resources": resources, "accounting": accounting,
-        "turns": turns, "client_send_lateness_ms": lateness,
+        "turns": turns, "client_send_lateness_ms": lateness, "gc_full": _gc_full(warm, after, duration),
         "sessions": {"requested": args.sessions, "connected": run.connected, "connect_errors": run.connect_errors[:10],
                      "connect_error_counts": _counts(run.connect_errors),
                      "unexpected_close_codes": run.unexpected_close, "errors": run.errors[:20],
@@ -661,9 +664,21 @@ def main(argv: list[str] | None = None) -> int:
                                               f"{fmt(turns['frame_rtt_ms']['p99'])} ms", "info"],
         ["TTFA (speech_stopped -> first audio)", f"p50 {fmt(turns['ttfa_ms']['p50'])} / p99 "
                                                  f"{fmt(turns['ttfa_ms']['p99'])} ms", "info"],
+        ["full collections (soak proper)", f"{payload['gc_full']['count']} ({fmt(payload['gc_full']['per_min'])}/min), "
+                                           f"mean {fmt(payload['gc_full']['mean_ms'])} ms", "info"],
     ]))
     print(f"\nraw results: {path.relative_to(ROOT)} ({payload['elapsed_s']:.0f} s, load {loadavg()})")
     return 0
+
+
+def _gc_full(warm: dict[str, Any], after: dict[str, Any], duration: float) -> dict[str, Any]:
+    """Generation-2 collections between the warm and the after probe (the gateway's voice_gc_pause_seconds)."""
+    if after.get("loop_tasks") is None:  # the gateway's /metrics did not answer
+        return {"count": None, "per_min": None, "mean_ms": None}
+    count = (after.get("gc2_count") or 0) - (warm.get("gc2_count") or 0)  # absent: none observed yet
+    seconds = (after.get("gc2_seconds") or 0) - (warm.get("gc2_seconds") or 0)
+    return {"count": int(count), "per_min": count / (duration / 60),
+            "mean_ms": 1000 * seconds / count if count else 0.0}
 
 
 def _counts(messages: list[str]) -> dict[str, int]:
