@@ -204,25 +204,26 @@ async def test_kill_switch_closes_sessions_on_both_instances_within_a_second(liv
         second.stop()
 
 
-async def test_kill_switch_from_another_instance_refuses_new_sessions_at_once(gateway, token_for) -> None:
+async def test_kill_switch_from_another_instance_refuses_new_sessions_at_once(gateway, token_for,
+                                                                              monkeypatch) -> None:
     """The kill switch engaged on another instance (the row flipped there, its broadcast received here)
     must refuse this instance's next connection at once, not after this process's 1 s rollout cache
     expires (found by bench/multi_instance.py: a connection right after the broadcast was admitted)."""
     from channels.layers import get_channel_layer
 
+    from voice.services import rollout
     from voice.services.rollout import BROADCAST_GROUP, rollout_snapshot
 
+    monkeypatch.setattr(rollout, "CACHE_SECONDS", 60.0)  # no race with the cache's own expiry
     live = await VoiceClient.open(gateway.ws_url, token=token_for())
     await live.wait_for("gateway.session.ready")
     await asyncio.sleep(0.3)  # joined the broadcast group
     rollout_cache_clear()
     assert (await rollout_snapshot()).voice_enabled  # this process's cache: just read, enabled
-    started = time.monotonic()
     await VoiceRollout.objects.filter(pk=1).aupdate(voice_enabled=False)  # the other instance's write...
     await get_channel_layer().group_send(BROADCAST_GROUP, {"type": "session.terminate", "code": "feature_disabled"})
     assert await live.wait_closed(3) == 4503  # ...and its broadcast
     refused = await VoiceClient.open(gateway.ws_url, token=token_for())
-    assert time.monotonic() - started < 0.9  # still within the cache's second
     assert (await refused.wait_for("gateway.error"))["code"] == "feature_disabled"
     assert await refused.wait_closed() == 4503
     assert not refused.seen("gateway.session.ready")  # refused at admission, not admitted then cut
