@@ -14,7 +14,8 @@ _FRENCH_WORDS = frozenset(
     """
     le la les des du de un une est et pour quelle quel quels quelles comment combien que qui quoi dans
     avec sur au aux pas ne sont il ils elle elles je vous nous ce cette ces mon ma mes leur leurs ou où
-    à faut peut doit très plus selon chez été être avoir après avant jour jours poussin poussins
+    à faut peut doit très plus selon chez été être avoir après avant jour jours poussin poussins quand
+    contre entre vers sans sous aussi mais donc car chaque tous toutes faire
     """.split()
 )
 _ENGLISH_WORDS = frozenset(
@@ -26,12 +27,13 @@ _ENGLISH_WORDS = frozenset(
 )
 _ACCENTED = re.compile(r"[éèêëàâîïôûùüçœÉÈÊÀÂÎÔÛÙÇŒ]")
 _ELISION = re.compile(r"\b(?:[dlnjcsm]|qu)['’]\w", re.IGNORECASE)
+_SPACED_PUNCTUATION = re.compile(r"\s[?!;:](?:\s|$)")  # French typography: "un jour ?"
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?", re.UNICODE)
 
 
 def language_votes(text: str) -> tuple[int, int]:
-    """(French, English) evidence in `text`: marker words, accented letters and elisions."""
-    french = len(_ACCENTED.findall(text)) + len(_ELISION.findall(text))
+    """(French, English) evidence in `text`: marker words, accented letters, elisions, spaced "?"."""
+    french = len(_ACCENTED.findall(text)) + len(_ELISION.findall(text)) + len(_SPACED_PUNCTUATION.findall(text))
     english = 0
     for word in _WORD.findall(text.lower()):
         word = re.split(r"['’]", word)[-1]  # "d'un" votes as "un"
