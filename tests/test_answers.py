@@ -85,7 +85,8 @@ def test_flattened_table_is_read_back_into_rows_and_a_cut_row_is_dropped() -> No
     assert all("source:" not in s.text and "Relevant" not in s.text for s in sources)
     table = [u.text for u in units_of(sources[1]) if u.row]
     assert table[0] == (
-        "Poussin d'un jour à 3 jours (première semaine) : 32–33 °C (démarrage localisé), 30–31 °C (chauffage d'ambiance)."
+        "Poussin d'un jour à 3 jours (première semaine) : 32–33 °C (démarrage localisé), "
+        "30–31 °C (chauffage d'ambiance)."
     )
     assert "2e semaine : 29–30 °C (démarrage localisé), 28–29 °C (chauffage d'ambiance)." in table
     assert not any("Âge" in row or "---" in row for row in table)  # header and rule are not rows
@@ -173,12 +174,19 @@ async def test_espeak_speaks_french_and_english_differently() -> None:
 
 @needs_espeak
 async def test_engine_speaks_a_french_answer_with_the_french_voice() -> None:
-    """Through the engine: the session's transcription hint says English, the answer is French."""
+    """Through the engine: no language hint in the session (English by default), a French answer."""
     up = await start(cfg(tts="espeak"), create_response=False)
-    await send(up, type="conversation.item.create", item={
-        "id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": FR_QUESTION}]})
-    await send(up, type="conversation.item.create", previous_item_id="u1", item={
-        "type": "message", "role": "system", "content": [{"type": "input_text", "text": issue_context("fr")}]})
+    await send(
+        up,
+        type="conversation.item.create",
+        item={"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": FR_QUESTION}]},
+    )
+    await send(
+        up,
+        type="conversation.item.create",
+        previous_item_id="u1",
+        item={"type": "message", "role": "system", "content": [{"type": "input_text", "text": issue_context("fr")}]},
+    )
     await send(up, type="response.create")
     done, _ = await until(up, "response.done", timeout=30)
     answer = done["response"]["output"][0]["content"][0]["transcript"]
@@ -195,4 +203,3 @@ async def test_engine_text_turn_without_context_still_answers(monkeypatch: pytes
     up = await start(cfg(use_rag=True), output_modalities=["text"])
     done, _ = await ask(up, EN_QUESTION)
     assert "32–33 °C" in done["response"]["output"][0]["content"][0]["text"]
-
