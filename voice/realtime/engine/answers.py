@@ -66,7 +66,7 @@ def answer_from_sources(sources: list[Source], question: str | None, language: s
 
 
 def _join(units: list[Unit]) -> str:
-    """The best unit, plus the next prose sentence of the same source when the best alone is very short."""
+    """The best unit, plus the runner-up prose sentence of its source when the best alone is very short."""
     best = units[0]
     text = best.text
     for extra in units[1:]:
