@@ -16,7 +16,7 @@ from voice.rag.ingest import BUNDLED_KNOWLEDGE_DIR, chunk_text, parse_file
 from voice.realtime.engine import tts
 from voice.realtime.engine.answers import compose_answer, compose_reply
 from voice.realtime.engine.language import detect_language, normalise_language
-from voice.realtime.engine.passages import parse_context, render_row, units_of
+from voice.realtime.engine.passages import parse_context, render_row, spoken, terms_of, units_of
 from voice.realtime.prefetch import format_context
 
 FR_QUESTION = "Quelle est la température idéale pour des poussins d'un jour ?"
@@ -100,6 +100,19 @@ def test_multiline_passage_headings_and_list_items() -> None:
     units = units_of(parse_context(f"[1] Eggs (source: eggs.md)\n{text}")[0])
     assert [u.text for u in units] == ["Collect eggs twice a day and keep them at 13–18 °C.", "Day 1: 32 °C (T)."]
     assert "storage" in units[0].section  # the heading helps matching but is not said
+
+
+def test_matching_terms_fold_accents_plurals_ligatures_and_numbers() -> None:
+    assert terms_of("Œufs à coquilles fines") == terms_of("oeuf a coquille fine")
+    assert {"#3", "#3semaine"} <= terms_of("3e semaine") and "#3semaine" in terms_of("trois semaines")
+    assert "#4week" in terms_of("at four weeks") and "#4week" in terms_of("Day 28 (4 weeks)")
+
+
+def test_long_sentences_are_cut_at_a_clause() -> None:
+    text = "Keep the litter dry, " + "turn it over where it cakes, " * 20 + "and ventilate."
+    cut = spoken(text, 120)
+    assert len(cut) <= 121 and cut.endswith("…") and ", …" not in cut and text.startswith(cut[:-1])
+    assert spoken("Short. Sentences. Fit.", 12) == "Short."
 
 
 # --- passage choice --------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ _NUMBER = re.compile(r"\d+|[^\W\d_]+", re.UNICODE)  # words and digit runs ("3e"
 _NUMBER_WORDS = dict(
     zip("two three four five six seven eight nine ten".split(), map(str, range(2, 11)), strict=True)
 ) | dict(zip("deux trois quatre cinq six sept huit neuf dix".split(), map(str, range(2, 11)), strict=True))
+_LIGATURES = str.maketrans({"œ": "oe", "Œ": "Oe", "æ": "ae", "Æ": "Ae"})  # "œufs" ~ "oeufs" (NFKD keeps œ)
 _ORDINAL_SUFFIXES = frozenset("e er re eme st nd rd th".split())  # "3e", "1er", "2nd": the number alone
 _LETTER = re.compile(r"[^\W\d_]", re.UNICODE)
 
@@ -201,6 +202,7 @@ def _column_name(name: str) -> str:
 def terms_of(text: str) -> frozenset[str]:
     """What a question or unit matches on: content words (folded, stemmed), numbers, and number+noun
     pairs, so "3 semaines" meets "3e semaine" and "four weeks" meets "Day 28 (4 weeks)"."""
+    text = text.translate(_LIGATURES)
     tokens = [_NUMBER_WORDS.get(w, w) for w in _NUMBER.findall(fold(text)) if w not in _ORDINAL_SUFFIXES]
     numbers = {f"#{t}" for t in tokens if t.isdigit()}
     for left, right in itertools.pairwise(tokens):
