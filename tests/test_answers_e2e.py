@@ -30,8 +30,12 @@ def local_rag(settings, tmp_path):
 
 async def _typed_turn(client: VoiceClient, text: str) -> tuple[dict, str]:
     """Send a typed question as the demo page does; returns (gateway.rag.context, spoken answer)."""
-    await client.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    await client.send(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        }
+    )
     await client.send({"type": "response.create"})
     context = await client.wait_for("gateway.rag.context", timeout=20)
     done = await client.wait_for("response.done", timeout=60)
@@ -40,10 +44,13 @@ async def _typed_turn(client: VoiceClient, text: str) -> tuple[dict, str]:
     return context, content.get("transcript") or content.get("text") or ""
 
 
-@pytest.mark.parametrize(("question", "language", "document"), [
-    (FR_QUESTION, "fr", FR_DOC),
-    (EN_QUESTION, "en", EN_DOC),
-])
+@pytest.mark.parametrize(
+    ("question", "language", "document"),
+    [
+        (FR_QUESTION, "fr", FR_DOC),
+        (EN_QUESTION, "en", EN_DOC),
+    ],
+)
 async def test_typed_question_gets_the_day_one_temperature_in_its_language(
     live_db, local_rag, token_for, question: str, language: str, document: str
 ) -> None:

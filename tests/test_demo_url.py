@@ -50,7 +50,8 @@ def test_demo_url_with_the_token_signs_in_and_answers(local_rag, demo_server, br
     page.wait_js(
         "[...document.querySelectorAll('#conversation .turn.assistant .text')]"
         ".some(p => p.textContent.includes('32–33 °C') && p.textContent.includes('poussins'))",
-        30, "French answer with the day-one temperature",
+        30,
+        "French answer with the day-one temperature",
     )
     page.page.get_by_role("button", name="Start talking").click()
     page.wait_js("window.voiceDemo.snapshot().micActive", 10, "microphone started")
