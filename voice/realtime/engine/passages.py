@@ -5,8 +5,9 @@ with each passage's line breaks flattened (a Markdown table becomes `| a | b | |
 passages cut with "…" (voice/realtime/prefetch.py `format_context`). Retrieved passages (voice.rag)
 keep their lines. Both are read here into `Source`s, split into `Unit`s (a prose sentence, or a table
 row rendered as a sentence with its column names), and units are ranked by how many of the
-question's content words they hold (accent-folded, plural-stripped, stopwords dropped; rarer words
-weigh more), weighted by the source's retrieval rank and language.
+question's content words and numbers they hold (accent-folded, plural-stripped, stopwords dropped;
+rarer words weigh more; words only in the unit's heading, table caption or document title count half),
+weighted by the document's retrieval rank and language; of equal matches the shorter unit wins.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from voice.rag.text import fold, query_terms
 
 from .language import FRENCH, detect_language
 
-RANK_DECAY = 0.35  # source n (0-based) weighs 1 / (1 + RANK_DECAY * n): the top source is trusted most
+RANK_DECAY = 0.35  # document n (0-based, by first appearance) weighs 1 / (1 + RANK_DECAY * n)
 OTHER_LANGUAGE = 0.6  # weight of a source not in the question's language
 TRUNCATED = 0.6  # weight of a sentence cut by the context's length limit ("…")
 TITLE_MATCH = 0.5  # a question word only in the unit's heading, table caption or title counts this much
@@ -44,7 +45,7 @@ _MARKER = re.compile(r"^(?:[-*•]|\d+[.)])\s+")  # list item markers
 _TRAILING_CAPTION = re.compile(r"([^.!?:|]{3,100}\S):\s*$")
 _TABLE = re.compile(r"\|.*\|", re.DOTALL)
 _CUT_ROW = re.compile(r"[^\s.!?:…]\s*$")  # text right before a table that is not a heading or sentence
-_ROW_BREAK = re.compile(r"\|\s+\|")
+_ROW_BREAK = re.compile(r"\|\s+\|")  # "| |" between rows (an empty cell reads the same: rare in the KB)
 _RULE_CELL = re.compile(r"^:?-{2,}:?$")
 _PARENTHESIS = re.compile(r"\s*\([^)]*\)")
 _NUMBER = re.compile(r"\d+|[^\W\d_]+", re.UNICODE)  # words and digit runs ("3e" -> "3", "e")
