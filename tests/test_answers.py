@@ -147,10 +147,11 @@ async def test_top_ranked_document_wins_a_tie() -> None:
     assert "30 °C" in await compose_answer("What temperature in the broiler house?", context)
 
 
-async def test_without_a_question_the_top_source_leads() -> None:
-    """An audio turn the engine could not recognise: the answer comes from the top source, in its language."""
-    reply = await compose_reply(None, issue_context("fr"), use_rag=False, language="en")
-    assert reply.language == "fr" and "32–33 °C" in reply.text
+async def test_without_a_question_the_context_is_not_read_out() -> None:
+    """An audio turn the engine could not recognise: the gateway's context was retrieved for the
+    placeholder transcript, so the engine says so (in the session's language hint) instead of reading it."""
+    reply = await compose_reply(None, issue_context("fr"), use_rag=False, language="fr")
+    assert reply.language == "fr" and "pas compris" in reply.text and "°C" not in reply.text
 
 
 async def test_fallbacks_speak_the_question_language() -> None:

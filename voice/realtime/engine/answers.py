@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .config import Answerer
 from .language import ENGLISH, FRENCH, detect_language, normalise_language
-from .passages import Source, Unit, best_units, lead_unit, parse_context, sources_from_passages, spoken
+from .passages import Source, Unit, best_units, parse_context, sources_from_passages, spoken
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ SHORT_ANSWER_CHARS = 120  # below this, a second matching sentence of the same s
 RAG_TIMEOUT_S = 3.0
 
 _NO_QUESTION = {
-    ENGLISH: "I could not make out the question, so I have no specific answer.",
-    FRENCH: "Je n'ai pas compris la question, je n'ai donc pas de réponse précise.",
+    ENGLISH: "I could not make out the question. Could you say it again, or type it?",
+    FRENCH: "Je n'ai pas compris la question. Pouvez-vous la répéter, ou l'écrire ?",
 }
 _NO_KNOWLEDGE = {
     ENGLISH: "You asked: {question} I don't have specific information about that yet.",
@@ -52,15 +52,8 @@ def fallback_answer(question: str | None, language: str = ENGLISH) -> str:
     return _NO_KNOWLEDGE[language].format(question=first_sentences(question, 160))
 
 
-def answer_from_sources(sources: list[Source], question: str | None, language: str) -> Reply | None:
-    """The best-matching sentence or table row of `sources` for `question`; None when they hold none.
-
-    Without a question (an audio turn the engine could not recognise) it is the top source's lead
-    sentence: the gateway retrieved that source for the spoken words, so it is the best guess.
-    """
-    if not question:
-        lead = lead_unit(sources)
-        return Reply(spoken(lead.text, MAX_ANSWER_CHARS), lead.source.language) if lead else None
+def answer_from_sources(sources: list[Source], question: str, language: str) -> Reply | None:
+    """The best-matching sentence or table row of `sources` for `question`; None when they hold none."""
     chosen = best_units(sources, question, language)
     return Reply(_join(chosen), chosen[0].source.language) if chosen else None
 
@@ -78,8 +71,12 @@ def _join(units: list[Unit]) -> str:
 
 
 def answer_from_context(context: str, question: str | None = None, language: str = ENGLISH) -> Reply:
-    """Called when the conversation carries injected knowledge for the current turn."""
-    reply = answer_from_sources(parse_context(context), question, language)
+    """Called when the conversation carries injected knowledge for the current turn.
+
+    Without a question (an audio turn the engine could not recognise) the context is not read out:
+    the gateway retrieved it for the placeholder transcript, so it is about nothing the user said.
+    """
+    reply = answer_from_sources(parse_context(context), question, language) if question else None
     return reply or Reply(fallback_answer(question, language), language)
 
 

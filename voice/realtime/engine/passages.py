@@ -261,13 +261,6 @@ def best_units(sources: Sequence[Source], question: str, language: str | None) -
     return [u for s, _, u in scored if s >= top * RUNNER_UP]
 
 
-def lead_unit(sources: Sequence[Source]) -> Unit | None:
-    """What to say when the question is unknown: the top source's first whole prose sentence, else its
-    first unit (that source is what the gateway's retrieval ranked first for the spoken words)."""
-    units = units_of(sources[0]) if sources else []
-    return next((u for u in units if not u.row and not u.truncated), units[0] if units else None)
-
-
 def spoken(text: str, limit: int) -> str:
     """`text` cut to about `limit` characters at a sentence, else a clause, else a word boundary."""
     if len(text) <= limit:
