@@ -6,14 +6,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.conf import settings
+from voice.realtime.models_catalog import realtime_price_row
 
 
 def cost_from_usage(usage: dict[str, Any] | None, model: str) -> float:
-    """USD cost of one response's usage; cached input tokens are priced as cached."""
+    """USD cost of one response's usage at `model`'s own price row (UnpricedModel without one); cached input
+    tokens are priced as cached."""
     if not usage:
         return 0.0
-    prices = settings.VOICE_PRICES.get(model) or settings.VOICE_PRICES["gpt-realtime"]
+    prices = realtime_price_row(model)
     tokens = usage_tokens(usage)
     total = (
         (tokens["input_text_tokens"] - tokens["cached_text_tokens"]) * prices["text_in"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from django.conf import settings
 
+from voice.realtime import protocol_tap
 from voice.realtime.client_events import dump_event
 from voice.realtime.session_config import input_transcription
 from voice.realtime.upstream import Upstream, UpstreamError
@@ -32,7 +33,7 @@ IDLE_CLEAR_MS = 3000  # silence between turns is dropped, not transcribed
 
 
 def transcription_upstream() -> Upstream:
-    """The transcription-only upstream for the configured VOICE_UPSTREAM."""
+    """The transcription-only upstream for the configured VOICE_UPSTREAM (`?intent=transcription`)."""
     from voice.realtime.openai_upstream import OpenAIUpstream, upstream_kind, upstream_url
 
     if upstream_kind() == "local":
@@ -43,7 +44,7 @@ def transcription_upstream() -> Upstream:
     return OpenAIUpstream(url=upstream_url() + "&intent=transcription")
 
 
-def transcription_session_update() -> dict[str, Any]:
+def transcription_session_update(model: str) -> dict[str, Any]:
     """GA session.update of a transcription-only session with manual commits."""
     return {
         "type": "session.update",
@@ -52,7 +53,7 @@ def transcription_session_update() -> dict[str, Any]:
             "audio": {
                 "input": {
                     "format": {"type": "audio/pcm", "rate": 24000},
-                    "transcription": input_transcription(),
+                    "transcription": input_transcription(model),
                     "noise_reduction": {"type": "near_field"},
                     "turn_detection": None,
                 }
@@ -64,9 +65,10 @@ def transcription_session_update() -> dict[str, Any]:
 class EarlyTranscriber:
     """Feeds a transcription-only session and reports the growing transcript of the current turn."""
 
-    def __init__(self, on_transcript: Callable[[str], None],
+    def __init__(self, on_transcript: Callable[[str], None], transcription_model: str,
                  upstream_factory: Callable[[], Upstream] = transcription_upstream) -> None:
         self.on_transcript = on_transcript
+        self.transcription_model = transcription_model
         self.upstream_factory = upstream_factory
         self.upstream: Upstream | None = None
         self.ready = False
@@ -126,6 +128,8 @@ class EarlyTranscriber:
     async def _send_text(self, text: str) -> None:
         if self.upstream is None or self.failed:
             return
+        if protocol_tap.gateway_sent is not None:
+            protocol_tap.gateway_sent(text)
         try:
             await self.upstream.send(text)
         except UpstreamError as exc:
@@ -138,7 +142,7 @@ class EarlyTranscriber:
                 event = json.loads(await self.upstream.recv())
                 kind = event.get("type")
                 if kind == "session.created":
-                    await self._send(transcription_session_update())
+                    await self._send(transcription_session_update(self.transcription_model))
                 elif kind in ("session.updated", "transcription_session.updated"):
                     self.ready = True
                 elif kind == "conversation.item.input_audio_transcription.completed" and self.speaking:

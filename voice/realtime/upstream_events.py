@@ -147,7 +147,7 @@ class UpstreamEventHandlers:
         await self.send_client(text)
 
     async def _on_session_created(self, event: dict[str, Any]) -> dict[str, Any]:
-        await self._send_upstream(session_update_event())
+        await self._send_upstream(session_update_event(self.profile))
         return strip_private_session_fields(event)
 
     async def _on_session_updated(self, event: dict[str, Any]) -> dict[str, Any] | bool:
