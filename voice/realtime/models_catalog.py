@@ -8,6 +8,7 @@ at start-up, validation error on a plan save), never priced as another model.
 from __future__ import annotations
 
 import datetime as dt
+
 from django.conf import settings
 
 from voice.realtime.engine.protocol import STREAMING_TRANSCRIPTION_MODELS
