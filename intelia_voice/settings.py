@@ -168,7 +168,7 @@ LOCAL_ENGINE_TRANSCRIPT_DELAY_MS = env.int("LOCAL_ENGINE_TRANSCRIPT_DELAY_MS", d
 LOCAL_ENGINE_SCRIPT = env.str("LOCAL_ENGINE_SCRIPT", default="")  # path to a JSON list of transcripts
 LOCAL_ENGINE_SPEED = env.float("LOCAL_ENGINE_SPEED", default=8.0)  # audio streamed N× real time
 LOCAL_ENGINE_TTS = env.str("LOCAL_ENGINE_TTS", default="auto")  # auto | espeak | tone
-# Transcript deltas during speech in script mode (default: on when a script is set). False is OpenAI-like.
+# Scripted transcript deltas during speech; unset: only when the session's transcription model streams (as OpenAI).
 LOCAL_ENGINE_PARTIAL_TRANSCRIPTS = env.bool("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", default=None)
 
 # --- Auth (JWT) --------------------------------------------------------------------------------

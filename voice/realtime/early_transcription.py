@@ -1,14 +1,16 @@
 """Early transcript while the user speaks: a parallel transcription-only upstream session.
 
-OpenAI's input transcription of the conversation session starts only after the turn is committed, too
-late to search the knowledge base while the user speaks (Option B). With EARLY_TRANSCRIPTION=openai the
+With a streaming transcription model (gpt-realtime-whisper) the conversation session itself sends
+transcript deltas during speech (early transcription mode "inline": nothing here is used). Other models
+transcribe the turn only after it is committed, too late to search the knowledge base while the user
+speaks (Option B). With EARLY_TRANSCRIPTION=openai the
 gateway opens a second, transcription-only session (`?intent=transcription`, GA `session.type:
 "transcription"`, no turn detection), copies the user's audio into it, and commits it in short slices
 (EARLY_TRANSCRIPTION_SLICE_MS) while the conversation session's VAD says the user is speaking. Each slice's
 `…input_audio_transcription.completed` extends the partial transcript handed to the prefetcher.
 
 It is an optimisation: any failure here disables it for the session and never affects the conversation.
-It costs a second transcription of the user's speech (gpt-4o-transcribe pricing).
+It costs a second transcription of the user's speech and a second socket (docs/DEPLOYMENT.md, section 11).
 """
 
 from __future__ import annotations

@@ -70,6 +70,9 @@ def settings_problems() -> list[str]:
     if settings.VOICE_VAD_EAGERNESS not in VAD_EAGERNESS:
         problems.append(f"VOICE_VAD_EAGERNESS {settings.VOICE_VAD_EAGERNESS!r} is not one of "
                         f"{', '.join(VAD_EAGERNESS)}")
+    if settings.VOICE_TRANSCRIPTION_DELAY not in ("", *TRANSCRIPTION_DELAYS):
+        problems.append(f"VOICE_TRANSCRIPTION_DELAY {settings.VOICE_TRANSCRIPTION_DELAY!r} is not one of "
+                        f"{', '.join(TRANSCRIPTION_DELAYS)}")
     if settings.EARLY_TRANSCRIPTION not in EARLY_MODES:
         problems.append(f"EARLY_TRANSCRIPTION {settings.EARLY_TRANSCRIPTION!r} is not one of {', '.join(EARLY_MODES)}")
     return [p for p in problems if p]
@@ -78,6 +81,7 @@ def settings_problems() -> list[str]:
 VAD_TYPES = ("server_vad", "semantic_vad")
 VAD_EAGERNESS = ("auto", "low", "medium", "high")
 EARLY_MODES = ("auto", "inline", "openai", "off")
+TRANSCRIPTION_DELAYS = ("minimal", "low", "medium", "high", "xhigh")  # gpt-realtime-whisper's `delay`
 
 
 def early_transcription_mode(transcription_model: str) -> str:
