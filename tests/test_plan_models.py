@@ -153,3 +153,17 @@ def test_shutdown_warning_within_sixty_days():
     assert shutdown_warning("gpt-4o-transcribe", today) is None  # 2027-02-26: 85 days away
     assert "was shut down" in shutdown_warning("gpt-4o-transcribe", dt.date(2027, 3, 1))
     assert shutdown_warning("gpt-realtime-2", today) is None
+
+
+def test_input_transcription_is_priced_at_its_own_row():
+    from voice.realtime.accounting import SessionStats, transcription_cost
+
+    tokens = {"type": "tokens", "input_tokens": 100, "output_tokens": 20,
+              "input_token_details": {"audio_tokens": 100, "text_tokens": 0}}
+    assert transcription_cost(tokens, "gpt-4o-mini-transcribe") == pytest.approx((100 * 3.00 + 20 * 5.00) / 1e6)
+    assert transcription_cost({"type": "duration", "seconds": 30}, "whisper-1") == pytest.approx(0.003)
+    with pytest.raises(UnpricedModel):
+        transcription_cost(tokens, "imaginary-transcribe")
+    stats = SessionStats()
+    stats.add_transcription(tokens, "gpt-4o-transcribe")
+    assert stats.cost_usd == pytest.approx((100 * 6.00 + 20 * 10.00) / 1e6)

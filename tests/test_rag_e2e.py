@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import AUDIO, needs_audio
 from tests.live import LiveServer, VoiceClient, read_wav
-from voice.models import VoiceTurn
+from voice.models import VoiceSession, VoiceTurn
 
 pytestmark = [pytest.mark.django_db(transaction=True), needs_audio]
 
@@ -194,6 +194,23 @@ async def test_early_transcription_over_real_sockets(live_db, scripted, settings
         turn = await VoiceTurn.objects.aget(session_id=ready["session_id"], index=0)
         assert turn.retrieval_started_ms is not None and turn.retrieval_started_ms < turn.speech_ms
         assert turn.retrieval_waited_ms is not None and turn.retrieval_waited_ms <= settings.RAG_WAIT_TIMEOUT_MS
+        # Cost: the response and the conversation's own transcription; "openai" also pays its slices.
+        from voice.realtime.accounting import cost_from_usage, transcription_cost
+
+        one_session = sum(cost_from_usage(e["response"]["usage"], settings.OPENAI_REALTIME_MODEL)
+                          for e in client.seen("response.done")) + sum(
+            transcription_cost(e["usage"], transcription_model)
+            for e in client.seen("conversation.item.input_audio_transcription.completed"))
+        for _ in range(100):  # the end record is written after the socket closes
+            row = await VoiceSession.objects.filter(pk=ready["session_id"], ended_at__isnull=False).afirst()
+            if row is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert row is not None
+        if mode == "inline":
+            assert float(row.cost_usd) == pytest.approx(one_session, abs=1e-6)
+        else:
+            assert float(row.cost_usd) > one_session + 1e-6
     finally:
         server.stop()
         engine.stop()

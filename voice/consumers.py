@@ -176,6 +176,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             upstream_factory=functools.partial(make_upstream, profile.model), prefetcher=prefetcher,
             early=early, history=meta.history, turn_offset=meta.turns, profile=profile,
         )
+        if early is not None:  # the second session's transcriptions are billed too
+            early.on_usage = functools.partial(self.session.stats.add_transcription, model=profile.transcription_model)
         registry.register(self)
         metrics.ACTIVE_SESSIONS.inc()
         self._counted_active = True

@@ -71,6 +71,7 @@ class EarlyTranscriber:
                  upstream_factory: Callable[[], Upstream] = transcription_upstream) -> None:
         self.on_transcript = on_transcript
         self.transcription_model = transcription_model
+        self.on_usage: Callable[[dict[str, Any]], Any] | None = None  # each slice's usage, for the session cost
         self.upstream_factory = upstream_factory
         self.upstream: Upstream | None = None
         self.ready = False
@@ -147,8 +148,10 @@ class EarlyTranscriber:
                     await self._send(transcription_session_update(self.transcription_model))
                 elif kind in ("session.updated", "transcription_session.updated"):
                     self.ready = True
-                elif kind == "conversation.item.input_audio_transcription.completed" and self.speaking:
-                    piece = str(event.get("transcript") or "").strip()
+                elif kind == "conversation.item.input_audio_transcription.completed":
+                    if self.on_usage is not None:
+                        self.on_usage(event.get("usage"))
+                    piece = str(event.get("transcript") or "").strip() if self.speaking else ""
                     if piece:
                         self.text = f"{self.text} {piece}".strip()
                         self.on_transcript(self.text)

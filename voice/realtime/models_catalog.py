@@ -26,6 +26,14 @@ def realtime_price_row(model: str) -> dict[str, float]:
     return row
 
 
+def transcription_price_row(model: str) -> dict[str, float]:
+    """The VOICE_TRANSCRIPTION_PRICES row of an input transcription model; raises UnpricedModel without one."""
+    row = settings.VOICE_TRANSCRIPTION_PRICES.get(model)
+    if row is None:
+        raise UnpricedModel(f"transcription model {model!r} has no price row in VOICE_TRANSCRIPTION_PRICES")
+    return row
+
+
 def realtime_model_problem(model: str) -> str | None:
     """Why `model` cannot be a session's realtime model (None when it can)."""
     if model not in settings.VOICE_PRICES:

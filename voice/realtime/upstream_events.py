@@ -226,6 +226,7 @@ class UpstreamEventHandlers:
             self.prefetcher.on_partial_transcript(text)
 
     async def _on_transcript_completed(self, event: dict[str, Any]) -> None:
+        self.stats.add_transcription(event.get("usage"), self.profile.transcription_model)
         text = str(event.get("transcript") or "")
         self.partial_transcripts.pop(event.get("item_id") or "", None)
         if self.turn is not None and not self.turn.user_text:
