@@ -167,3 +167,10 @@ def test_input_transcription_is_priced_at_its_own_row():
     stats = SessionStats()
     stats.add_transcription(tokens, "gpt-4o-transcribe")
     assert stats.cost_usd == pytest.approx((100 * 6.00 + 20 * 10.00) / 1e6)
+
+
+def test_inline_without_a_streaming_model_warns_at_start_up(settings):
+    settings.EARLY_TRANSCRIPTION = "inline"
+    assert not [e for e in run_checks() if e.id == "voice.W001"]
+    settings.VOICE_TRANSCRIPTION_MODEL = "gpt-4o-transcribe"
+    assert [e for e in run_checks() if e.id == "voice.W001"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.checks import Error, Tags, register
+from django.core.checks import Error, Tags, Warning, register
 from django.db import DatabaseError
 
 
@@ -15,6 +15,20 @@ def check_default_models(app_configs: Any, **kwargs: Any) -> list[Error]:
 
     return [Error(problem, hint="Fix the environment or add the price row in intelia_voice/settings.py.",
                   id="voice.E001") for problem in settings_problems()]
+
+
+@register()
+def check_inline_early_transcription(app_configs: Any, **kwargs: Any) -> list[Warning]:
+    """Called by Django at start-up: EARLY_TRANSCRIPTION=inline needs a transcription model that streams."""
+    from django.conf import settings
+
+    from voice.realtime.models_catalog import transcription_streams
+
+    if settings.EARLY_TRANSCRIPTION == "inline" and not transcription_streams(settings.VOICE_TRANSCRIPTION_MODEL):
+        return [Warning(f"EARLY_TRANSCRIPTION=inline but {settings.VOICE_TRANSCRIPTION_MODEL} transcribes only after "
+                        "the turn ends: no early words, retrieval starts at the turn end",
+                        hint="Use gpt-realtime-whisper, EARLY_TRANSCRIPTION=openai, or auto.", id="voice.W001")]
+    return []
 
 
 @register(Tags.database)
