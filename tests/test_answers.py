@@ -154,6 +154,11 @@ async def test_without_a_question_the_context_is_not_read_out() -> None:
     assert reply.language == "fr" and "pas compris" in reply.text and "°C" not in reply.text
 
 
+async def test_context_sharing_no_word_with_the_question_is_not_read_out() -> None:
+    answer = await compose_answer("Et les canards de Barbarie ?", issue_context("fr"))
+    assert answer.startswith("Vous avez demandé") and "°C" not in answer
+
+
 async def test_fallbacks_speak_the_question_language() -> None:
     fr = await compose_reply("Et les canards de Barbarie ?", None, use_rag=False)
     assert fr.language == "fr" and fr.text.startswith("Vous avez demandé")

@@ -227,8 +227,9 @@ def _matches(term: str, terms: frozenset[str]) -> bool:
 
 
 def best_units(sources: Sequence[Source], question: str, language: str | None) -> list[Unit]:
-    """Units of `sources` best first for `question`: those scoring at least RUNNER_UP of the best (or,
-    when nothing matches, the first whole unit). `language` (the question's) favours sources in it."""
+    """Units of `sources` best first for `question`: those scoring at least RUNNER_UP of the best; none
+    when no unit shares a word with it (the context is then not about it). `language` (the question's)
+    favours sources written in it."""
     units = [unit for source in sources for unit in units_of(source)]
     if not units:
         return []
@@ -256,9 +257,7 @@ def best_units(sources: Sequence[Source], question: str, language: str | None) -
         key=lambda t: (-t[0], t[1]),
     )
     top = scored[0][0]
-    if top <= 0:
-        return [next((u for u in units if not u.truncated), units[0])]
-    return [u for s, _, u in scored if s >= top * RUNNER_UP]
+    return [u for s, _, u in scored if s >= top * RUNNER_UP] if top > 0 else []
 
 
 def spoken(text: str, limit: int) -> str:
