@@ -104,16 +104,19 @@ class MasterPool(SentinelConnectionPool, BlockingConnectionPool):
 
     async def get_master_address(self) -> tuple[str, int]:
         """Called before each new connection (and by the recovery probe): the master the sentinels name."""
-        previous = self.master_address
-        address = await super().get_master_address()
-        if previous is not None and tuple(address) != tuple(previous):
-            self.switches = [*self.switches, {
-                "from": _address(previous), "to": _address(address),
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }][-MAX_SWITCHES_KEPT:]
-            logger.warning("Redis master of %s switched from %s to %s", self.service_name,
-                           _address(previous), _address(address))
-        return address
+        address = tuple(await self.sentinel_manager.discover_master(self.service_name))
+        if self.master_address is not None and tuple(self.master_address) != address:
+            # Compared and assigned with no await between: concurrent connects record one switch.
+            previous = _address(self.master_address)
+            self.switches = [*self.switches, {"from": previous, "to": _address(address),
+                                              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+            self.switches = self.switches[-MAX_SWITCHES_KEPT:]
+            logger.warning("Redis master of %s switched from %s to %s", self.service_name, previous,
+                           _address(address))
+        if self.master_address != address:
+            self.master_address = address
+            await self.disconnect(inuse_connections=False)  # idle connections to the former master
+        return address  # type: ignore[return-value]
 
     async def release(self, connection: Any) -> None:
         """Called when a command is done: a connection left on a former master is closed, not kept."""

@@ -110,7 +110,7 @@ class SharedState:
             self.client = aioredis.Redis.from_pool(pool)
             storage = RedisStorage(
                 # With a pool given, the URI only selects the implementation (its address is unused).
-                "async+" + (url if sentinel is None else "redis://sentinel-managed"),
+                "async+" + (url if sentinel is None else "redis://sentinel-managed:6379"),
                 implementation="redispy",
                 connection_pool=self.client.connection_pool,
                 key_prefix=KEY_PREFIX + "limits",
