@@ -11,8 +11,12 @@ database or SQLite, the local engine behind `manage.py realtime_engine`). Then:
             refusal while nginx still picks the draining instance is retried after 0.2 s) and must be
             ready again with the same session id, then answer one more question.
   rows      after every client closed: one VoiceSession row per session, end_reason client_closed,
-            connections = 2 for the resumed ones and 1 for the others, each resumed row written last by
-            another instance, every question counted as a turn; nothing spooled.
+            connections = 2 for the resumed ones and 1 for the others, every question counted as a turn;
+            nothing spooled.
+  failover  (after the drain, load still running) the Redis master gets SIGKILL. Each remaining gateway's
+            health is polled directly: when it enters the in-memory fallback and when it is back on Redis
+            with the promoted replica as master; --gap-sessions new sessions open through nginx right after
+            the kill and must be admitted and answered.
 
   .venv/bin/python bench/topology.py                    # ~1 min; bench/results/topology-*.json
   .venv/bin/python bench/topology.py --sessions 120 --database sqlite
@@ -156,7 +160,63 @@ def rows_report(ids: list[str], resumed_ids: set[str], drained: str) -> dict[str
     }
 
 
-async def run_load(topology: Topology, tokens: list[str], args: argparse.Namespace) -> dict[str, Any]:
+async def fresh_session(url: str, token: str) -> dict[str, Any]:
+    """A new session opened during the Redis failover gap: admitted, answers one question, closes."""
+    out: dict[str, Any] = {"turns": 0}
+    try:
+        client, ready = await open_ready(url, token)
+        if ready["type"] != "gateway.session.ready":
+            raise RuntimeError(f"refused {ready.get('code')}")
+        out["session_id"] = ready["session_id"]
+        await ask(client, out)
+        await client.close()
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+async def redis_failover(topology: Topology, fresh_tokens: list[str]) -> dict[str, Any]:
+    """SIGKILL the Redis master under load; watch each live gateway's health until it is back on the new one."""
+    import httpx
+
+    names = [name for name, (proc, _) in topology.gateways.items() if proc.alive()]
+    watch: dict[str, dict[str, Any]] = {name: {"fallback_seen_s": None, "back_on_new_master_s": None}
+                                        for name in names}
+    killed_at = time.monotonic()
+    killed = await asyncio.to_thread(topology.redis.kill_master)
+    promoted = asyncio.create_task(asyncio.to_thread(topology.redis.wait_promoted, killed))
+    fresh = asyncio.gather(*(fresh_session(topology.ws_url, token) for token in fresh_tokens))
+    new_master, promoted_s = None, None
+    async with httpx.AsyncClient(timeout=5) as http:
+        while time.monotonic() - killed_at < 60:
+            if promoted.done() and new_master is None:
+                new_master, promoted_s = promoted.result(), time.monotonic() - killed_at
+            for name in names:
+                if watch[name]["back_on_new_master_s"] is not None:
+                    continue
+                with contextlib.suppress(httpx.HTTPError):
+                    health = (await http.get(f"http://127.0.0.1:{topology.gateway_port(name)}/v1/voice/health")).json()
+                    redis, at = health["redis"], time.monotonic() - killed_at
+                    if redis["using_fallback"] and watch[name]["fallback_seen_s"] is None:
+                        watch[name]["fallback_seen_s"] = at
+                    if (new_master is not None and not redis["using_fallback"]
+                            and redis["redis_master"] == f"127.0.0.1:{new_master}"):
+                        watch[name].update(back_on_new_master_s=at, switch=redis["master_switches"][-1:])
+            if all(w["back_on_new_master_s"] is not None for w in watch.values()):
+                break
+            await asyncio.sleep(0.1)
+    fresh_outs = await fresh
+    return {
+        "killed_master_port": killed, "new_master_port": new_master, "sentinels_promoted_s": promoted_s,
+        "down_after_ms": topology.redis.down_after_ms, "gateways": watch,
+        "fresh_sessions_during_gap": len(fresh_outs),
+        "fresh_admitted_and_answered": sum(1 for o in fresh_outs if o["turns"] == 1),
+        "fresh_outs": fresh_outs,
+    }
+
+
+async def run_load(topology: Topology, tokens: list[str], args: argparse.Namespace,
+                   fresh_tokens: list[str]) -> dict[str, Any]:
     stop = asyncio.Event()
     outs: list[dict[str, Any]] = [{} for _ in tokens]
     tasks = []
@@ -176,12 +236,19 @@ async def run_load(topology: Topology, tokens: list[str], args: argparse.Namespa
     drained_exit_s = time.monotonic() - drain_at
     frames_at_exit = [o.get("frames", 0) for o in outs]
     await asyncio.sleep(args.after)
+    turns_before_failover = sum(o.get("turns", 0) for o in outs)
+    failover = await redis_failover(topology, fresh_tokens) if fresh_tokens else None
+    if failover is not None:
+        failover["questions_answered_by_live_sessions_in_failover"] = sum(o.get("turns", 0) for o in outs) \
+            - turns_before_failover
+        await asyncio.sleep(args.after)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     resumed = [o for o in outs if "resume_s" in o]
     delays = [o["resume_s"] for o in resumed]
     return {
-        "outs": outs, "drained": drained, "live_before_drain": live, "drained_exit_code": exit_code,
+        "outs": outs, "failover": failover, "drained": drained, "live_before_drain": live,
+        "drained_exit_code": exit_code,
         "drained_exit_s": drained_exit_s,
         "connected": sum(1 for o in outs if "session_id" in o),
         "drained_sessions": len(resumed),
@@ -212,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-after", type=float, default=6.0, help="seconds of load before the SIGTERM")
     parser.add_argument("--after", type=float, default=6.0, help="seconds of load after the drained one exited")
     parser.add_argument("--ask-every", type=float, default=4.0, help="seconds between a session's questions")
+    parser.add_argument("--gap-sessions", type=int, default=10,
+                        help="new sessions opened while Redis fails over (0: no failover phase)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     reason = Topology.missing()
@@ -234,9 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         tag = time.strftime("%H%M%S")
         tokens = [issue_access_token(user_id=f"topo-{tag}-{i}", plan="elite", minutes=60)
                   for i in range(args.sessions)]
-        load = asyncio.run(run_load(topology, tokens, args))
+        fresh_tokens = [issue_access_token(user_id=f"topo-{tag}-gap-{i}", plan="elite", minutes=60)
+                        for i in range(args.gap_sessions)]
+        load = asyncio.run(run_load(topology, tokens, args, fresh_tokens))
         outs = load.pop("outs")
-        ids = [o["session_id"] for o in outs if "session_id" in o]
+        fresh_outs = load["failover"].pop("fresh_outs") if load["failover"] else []
+        ids = [o["session_id"] for o in [*outs, *fresh_outs] if "session_id" in o]
         resumed_ids = {o["session_id"] for o in outs if "resume_s" in o}
         rows = rows_report(ids, resumed_ids, load["drained"])
         spooled = sorted(p.name for p in (topology.dir / "spool").glob("*.json")) \
@@ -254,10 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         "zero_rows_lost": rows["rows_lost"] == 0,
         "resumed_rows_two_connections": rows["resumed_rows_with_2_connections"] == load["drained_sessions"],
         "resumed_streaming_after_the_drained_exit": load["resumed_streaming_after_exit"] == load["drained_sessions"],
-        "turns_all_recorded": rows["turns_recorded"] == load["turns_answered"],
+        "turns_all_recorded": rows["turns_recorded"] == load["turns_answered"] + sum(o["turns"] for o in fresh_outs),
         "nothing_spooled": not spooled,
         "no_client_errors": not load["errors"],
     }
+    failover = load["failover"]
+    if failover is not None:
+        verdicts.update({
+            "redis_every_gateway_back_on_the_new_master": all(
+                w["back_on_new_master_s"] is not None for w in failover["gateways"].values()),
+            "redis_gap_sessions_admitted_and_answered": (failover["fresh_admitted_and_answered"]
+                                                         == failover["fresh_sessions_during_gap"]),
+        })
     verdict = ok(all(verdicts.values()))
     payload = {"bench": "topology", "args": vars(args), "machine": info, "topology": layout,
                "elapsed_s": time.time() - started, "loadavg_at_end": loadavg(), "load": load, "rows": rows,
@@ -279,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
          f"with 2 connections {rows['resumed_rows_with_2_connections']}; turns {rows['turns_recorded']}; "
          f"spooled {len(spooled)}",
          ok(verdicts["zero_rows_lost"] and verdicts["nothing_spooled"])],
+        *([[f"Redis master SIGKILLed under load (down-after {failover['down_after_ms']} ms)",
+            f"promoted after {fmt(failover['sentinels_promoted_s'], 2)} s; back on the new master: "
+            + ", ".join(f"{name} {fmt(w['back_on_new_master_s'], 2)} s" for name, w in failover["gateways"].items())
+            + f"; {failover['fresh_admitted_and_answered']}/{failover['fresh_sessions_during_gap']} new sessions "
+            f"admitted and answered in the gap; {failover['questions_answered_by_live_sessions_in_failover']} questions "
+            "answered by the live sessions meanwhile",
+            ok(verdicts["redis_every_gateway_back_on_the_new_master"]
+               and verdicts["redis_gap_sessions_admitted_and_answered"])]] if failover else []),
     ]))
     print(f"\n{verdict}: {path.relative_to(ROOT)} ({payload['elapsed_s']:.0f} s)")
     if load["errors"]:
