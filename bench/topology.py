@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             f"promoted after {fmt(failover['sentinels_promoted_s'], 2)} s; back on the new master: "
             + ", ".join(f"{name} {fmt(w['back_on_new_master_s'], 2)} s" for name, w in failover["gateways"].items())
             + f"; {failover['fresh_admitted_and_answered']}/{failover['fresh_sessions_during_gap']} new sessions "
-            f"admitted and answered in the gap; {failover['questions_answered_by_live_sessions_in_failover']} questions "
-            "answered by the live sessions meanwhile",
+            f"admitted and answered in the gap; {failover['questions_answered_by_live_sessions_in_failover']} "
+            "questions answered by the live sessions meanwhile",
             ok(verdicts["redis_every_gateway_back_on_the_new_master"]
                and verdicts["redis_gap_sessions_admitted_and_answered"])]] if failover else []),
     ]))
