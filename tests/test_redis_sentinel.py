@@ -233,6 +233,9 @@ async def test_master_pool_drops_connections_left_on_a_former_master_and_records
 
     sentinels = Sentinels()
     pool = MasterPool("voice", sentinels, max_connections=8, timeout=1)
+    kept = await pool.get_connection()
+    await pool.release(kept)
+    assert kept.is_connected  # on the current master: kept for reuse
     held = [await pool.get_connection() for _ in range(3)]  # in use when the master changes
     assert all(c.is_connected and c.port == own_redis.port for c in held)
     sentinels.master = ("127.0.0.1", 1)  # another master named (not reachable: only the address matters)
