@@ -19,7 +19,7 @@ import pytest
 
 from deploy.processes import SentinelCluster
 from tests.conftest import unique_user
-from tests.live import LiveServer, VoiceClient
+from tests.live import LiveServer, VoiceClient, text_turn
 from voice.models import VoiceSession
 from voice.services.redis_sentinel import channel_layer_host, sentinel_config
 
@@ -64,14 +64,6 @@ def sentinel_gateway(sentinel_cluster, live_db, settings):
     yield server
     server.stop()
     channel_layers.backends.clear()
-
-
-async def text_turn(client: VoiceClient) -> None:
-    """One answered text turn: the session relays both ways."""
-    await client.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Litter moisture?"}]}})
-    await client.send({"type": "response.create"})
-    await client.wait_for("response.done", timeout=30)
 
 
 async def health(server: LiveServer) -> dict[str, Any]:

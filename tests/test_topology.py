@@ -12,8 +12,7 @@ import pytest
 
 from deploy.processes import NGINX_CONF, Nginx
 from tests.conftest import unique_user
-from tests.live import LiveServer, VoiceClient
-from tests.test_redis_sentinel import text_turn
+from tests.live import LiveServer, VoiceClient, text_turn
 from voice.models import VoiceSession
 
 ROOT = Path(__file__).resolve().parent.parent
