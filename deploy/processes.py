@@ -231,10 +231,12 @@ class Nginx:
     and the listener.
     """
 
-    def __init__(self, workdir: Path, upstream_ports: list[int], port: int | None = None) -> None:
+    def __init__(self, workdir: Path, upstream_ports: list[int], port: int | None = None, *,
+                 site: str | None = None, upstream_servers: str | None = None) -> None:
         self.dir = Path(workdir)
         self.port = port or free_port()
         self.upstream_ports = upstream_ports
+        self.site, self.upstream_servers = site, upstream_servers  # other contents for the two includes
         self.proc: Proc | None = None
 
     @staticmethod
@@ -248,11 +250,11 @@ class Nginx:
         site.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         shutil.copyfile(NGINX_CONF, self.dir / "intelia-voice.conf")
-        (site / "upstream-servers.conf").write_text(
-            "".join(f"server {HOST}:{port} max_fails=3 fail_timeout=10s;\n" for port in self.upstream_ports))
-        (site / "site.conf").write_text(
+        (site / "upstream-servers.conf").write_text(self.upstream_servers or "".join(
+            f"server {HOST}:{port} max_fails=3 fail_timeout=10s;\n" for port in self.upstream_ports))
+        (site / "site.conf").write_text(self.site or (
             f"listen {HOST}:{self.port};\nserver_name localhost;\n"
-            f"access_log {self.dir / 'logs' / 'voice.access.log'} voice;\n")
+            f"access_log {self.dir / 'logs' / 'voice.access.log'} voice;\n"))
         user = "user root;\n" if os.geteuid() == 0 else ""  # workers need to read this private prefix
         (self.dir / "nginx.conf").write_text(
             f"{user}worker_processes 1;\npid {self.dir / 'nginx.pid'};\nerror_log {self.dir / 'logs' / 'error.log'};\n"

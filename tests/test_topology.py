@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,23 @@ def test_compose_runs_the_same_topology() -> None:
 @needs_nginx
 def test_nginx_accepts_the_configuration(tmp_path) -> None:
     checked = Nginx(tmp_path, [8001, 8002]).check()
+    assert checked.returncode == 0, checked.stderr
+
+
+@needs_nginx
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (a test certificate)")
+def test_the_guides_production_site_files_pass_nginx_t(tmp_path) -> None:
+    """§2's upstream-servers.conf and site.conf (TLS, HTTP/2) with the shared file, a throwaway certificate."""
+    example = re.search(r"## 2\. Load balancer.*?```nginx\n(.*?)```\n", DEPLOYMENT.read_text(), re.S).group(1)
+    parts = dict(re.findall(r"# /etc/nginx/intelia-voice/(\S+): [^\n]*\n(.*?)(?=\n# |\Z)", example, re.S))
+    assert set(parts) == {"upstream-servers.conf", "site.conf"}
+    cert, key = tmp_path / "voice.crt", tmp_path / "voice.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=voice.example.com", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    site = (parts["site.conf"].replace("/etc/ssl/voice.example.com.crt", str(cert))
+            .replace("/etc/ssl/voice.example.com.key", str(key))
+            .replace("/var/log/nginx/voice.access.log", str(tmp_path / "access.log")))
+    checked = Nginx(tmp_path / "nginx", [], site=site, upstream_servers=parts["upstream-servers.conf"]).check()
     assert checked.returncode == 0, checked.stderr
 
 
