@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,11 @@ def sentinel_cluster():
         cluster.start()
     except RuntimeError as exc:
         cluster.stop()
+        shutil.rmtree(cluster.dir, ignore_errors=True)
         pytest.skip(f"redis-server --sentinel cannot run here: {exc}")
     yield cluster
     cluster.stop()
+    shutil.rmtree(cluster.dir, ignore_errors=True)
 
 
 @pytest.fixture
