@@ -12,11 +12,13 @@ import asyncio
 import json
 import shutil
 import tempfile
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from django.core.management import call_command
 
 from deploy.processes import SentinelCluster
 from tests.conftest import unique_user
@@ -211,6 +213,10 @@ async def test_a_demoted_master_with_open_connections_is_left_for_the_new_one(
     for client in clients:
         assert not client.seen("gateway.error"), json.dumps(client.seen("gateway.error"))
         await client.close()
+    out = StringIO()  # the operators' check names the master too, without a password
+    await asyncio.to_thread(call_command, "voice_health", stdout=out, stderr=StringIO())
+    assert f"master 127.0.0.1:{new_master}" in out.getvalue()
+    assert MASTER_PASSWORD not in out.getvalue() and SENTINEL_PASSWORD not in out.getvalue()
 
 
 async def test_master_pool_drops_connections_left_on_a_former_master_and_records_one_switch(own_redis) -> None:
