@@ -248,3 +248,21 @@ async def test_master_pool_drops_connections_left_on_a_former_master_and_records
         await pool.release(connection)
     assert not any(c.is_connected for c in held)  # none goes back to the pool pointing at the former master
     await pool.aclose()
+
+
+def test_sentinel_settings_parse_and_build_the_channel_layer_pool() -> None:
+    from channels_redis.utils import create_pool
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    assert sentinel_config([], "voice") is None  # no sentinels: REDIS_URL mode
+    config = sentinel_config(["10.0.2.1:26380", " [::1]:26381", "sentinel-3", ""], "voice",
+                             sentinel_password=SENTINEL_PASSWORD, master_password=MASTER_PASSWORD, db=2)
+    assert config.sentinels == (("10.0.2.1", 26380), ("::1", 26381), ("sentinel-3", 26379))
+    assert config.describe() == "sentinel://10.0.2.1:26380,[::1]:26381,sentinel-3:26379/voice/2"
+    assert MASTER_PASSWORD not in repr(config) and SENTINEL_PASSWORD not in repr(config)
+    pool = create_pool(channel_layer_host(config, 0.5))  # exactly what channels-redis does with the entry
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "voice"
+    assert pool.connection_kwargs["password"] == MASTER_PASSWORD and pool.connection_kwargs["db"] == 2
+    assert "socket_timeout" not in pool.connection_kwargs  # the layer's receive blocks for seconds
+    sentinel = pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs
+    assert sentinel["password"] == SENTINEL_PASSWORD and sentinel["retry"].get_retries() == 0

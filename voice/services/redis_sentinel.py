@@ -35,7 +35,7 @@ class SentinelConfig:
 
     def describe(self) -> str:
         """A password-free name for logs and health: sentinel://host:port,…/master/db."""
-        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        hosts = ",".join(_address(pair) for pair in self.sentinels)
         return f"sentinel://{hosts}/{self.master_name}/{self.db}"
 
     def sentinel_kwargs(self, socket_timeout: float) -> dict[str, Any]:
@@ -135,7 +135,9 @@ class MasterPool(SentinelConnectionPool, BlockingConnectionPool):
 
 
 def _address(pair: Any) -> str:
-    return f"{pair[0]}:{pair[1]}"
+    """host:port, IPv6 hosts in brackets."""
+    host, port = pair[0], pair[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def master_pool(config: SentinelConfig, *, max_connections: int, timeout: float, socket_timeout: float,
