@@ -266,3 +266,47 @@ def test_sentinel_settings_parse_and_build_the_channel_layer_pool() -> None:
     assert "socket_timeout" not in pool.connection_kwargs  # the layer's receive blocks for seconds
     sentinel = pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs
     assert sentinel["password"] == SENTINEL_PASSWORD and sentinel["retry"].get_retries() == 0
+
+
+async def test_a_write_refused_by_a_demoted_master_is_a_blip_then_the_new_master_takes_it(own_redis, settings):
+    """READONLY, deterministically: the named master (a real redis-server) turns replica under an open
+    connection while the sentinels (a stand-in) name another real server; the next write falls back, the
+    probe moves the state to the new master by itself."""
+    import redis.asyncio as aioredis
+
+    from tests.conftest import RedisProcess
+    from voice.services.state import SharedState
+
+    settings.REDIS_PROBE_INTERVAL = 0.1
+    new = RedisProcess()
+    new.start()
+    named = {"address": ("127.0.0.1", own_redis.port)}
+
+    async def discover_master(service_name: str) -> tuple[str, int]:
+        return named["address"]
+
+    state = SharedState("", True, sentinel_config(["127.0.0.1:1"], "voice"))
+    state.client.connection_pool.sentinel_manager.discover_master = discover_master
+    old_direct = aioredis.Redis(port=own_redis.port, decode_responses=True)
+    new_direct = aioredis.Redis(port=new.port, decode_responses=True)
+    try:
+        await state.set_json("ha-key", 1, 30)
+        assert await old_direct.get("intelia_voice:ha-key") == "1" and not state.using_fallback
+        await old_direct.execute_command("REPLICAOF", "127.0.0.1", str(new.port))  # demoted, connection kept
+        named["address"] = ("127.0.0.1", new.port)
+        await state.set_json("ha-key", 2, 30)  # READONLY on the kept connection: served from memory
+        assert state.using_fallback and await state.get_json("ha-key") == 2
+        for _ in range(100):
+            if not state.using_fallback:
+                break
+            await asyncio.sleep(0.05)
+        assert not state.using_fallback  # the probe found the new master by itself
+        await state.set_json("ha-key", 3, 30)
+        assert await new_direct.get("intelia_voice:ha-key") == "3"
+        assert [(s["from"], s["to"]) for s in state.describe()["master_switches"]] == [
+            (f"127.0.0.1:{own_redis.port}", f"127.0.0.1:{new.port}")]
+    finally:
+        await state.aclose()
+        await old_direct.aclose()
+        await new_direct.aclose()
+        new.stop()
