@@ -38,6 +38,7 @@ run: migrate embedded
 test: bootstrap
 	@scripts/ensure-browser.sh || echo "warning: Chromium unavailable; browser tests will be skipped"
 	@scripts/ensure-command.sh espeak-ng espeak-ng || echo "warning: espeak-ng unavailable; espeak tests will be skipped"
+	@scripts/ensure-nginx.sh || echo "warning: nginx unavailable; the nginx topology tests will be skipped"
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: bootstrap

@@ -12,12 +12,15 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deploy.processes import free_port, wait_port  # noqa: F401 - the benches import them from here
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -86,25 +89,6 @@ def issue_tokens(prefix: str, count: int, plan: str = "elite") -> list[str]:
 
 
 # --- processes -----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
-
-
 def pin_cmd(cmd: list[str], cpu: int | None) -> list[str]:
     """Prefix `taskset -c CPU` (exec's the command: the pid stays the server's)."""
     if cpu is None or shutil.which("taskset") is None or (os.cpu_count() or 1) <= cpu:

@@ -114,11 +114,27 @@ RETRY_BACKOFF_FACTOR = env.float("RETRY_BACKOFF_FACTOR", default=2)
 RETRY_MAX_ATTEMPTS = env.int("RETRY_MAX_ATTEMPTS", default=3)
 RETRY_BASE_DELAY = env.float("RETRY_BASE_DELAY", default=0.25)  # seconds before the 2nd attempt
 
+# Redis Sentinel (high availability): when sentinels are listed, REDIS_URL is not used; the shared state and
+# the channel layer both follow the master the sentinels name (voice/services/redis_sentinel.py).
+from voice.services.redis_sentinel import channel_layer_host, sentinel_config  # noqa: E402
+
+REDIS_SENTINEL = sentinel_config(
+    env.list("REDIS_SENTINELS", default=[]),
+    env.str("REDIS_SENTINEL_MASTER", default="intelia-voice"),
+    sentinel_password=env.str("REDIS_SENTINEL_PASSWORD", default=""),
+    master_password=env.str("REDIS_MASTER_PASSWORD", default=""),
+    db=env.int("REDIS_SENTINEL_DB", default=0),
+)
+
 if REDIS_ENABLED:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": "intelia_voice", "capacity": 500, "expiry": 30},
+            "CONFIG": {
+                "hosts": [REDIS_URL if REDIS_SENTINEL is None else channel_layer_host(REDIS_SENTINEL,
+                                                                                       REDIS_SOCKET_TIMEOUT)],
+                "prefix": "intelia_voice", "capacity": 500, "expiry": 30,
+            },
         }
     }
 else:

@@ -197,3 +197,11 @@ def read_wav(path: Path) -> bytes:
     with wave.open(str(path), "rb") as wav:
         assert wav.getframerate() == 24000 and wav.getsampwidth() == 2 and wav.getnchannels() == 1
         return wav.readframes(wav.getnframes())
+
+
+async def text_turn(client: VoiceClient, text: str = "Litter moisture?", timeout: float = 30) -> None:
+    """One answered text turn: the session relays both ways."""
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    await client.send({"type": "response.create"})
+    await client.wait_for("response.done", timeout=timeout)

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from voice.logging import mask_url_password
+from voice.services.redis_sentinel import MasterPool, SentinelConfig, master_pool
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,10 +71,15 @@ class _MemoryBackend:
 
 
 class SharedState:
-    """Redis-or-memory state for one event loop (redis.asyncio clients are bound to their loop)."""
+    """Redis-or-memory state for one event loop (redis.asyncio clients are bound to their loop).
 
-    def __init__(self, url: str, enabled: bool) -> None:
+    Redis is one URL, or (with `sentinel`) whichever server the sentinels name master: see
+    voice/services/redis_sentinel.py.
+    """
+
+    def __init__(self, url: str, enabled: bool, sentinel: SentinelConfig | None = None) -> None:
         self.url = url
+        self.sentinel = sentinel
         self.enabled = enabled
         self.using_fallback = not enabled
         self.memory = _MemoryBackend()
@@ -86,20 +92,25 @@ class SharedState:
             # A bounded pool: a burst of session ends (hundreds of slot releases at once) would otherwise
             # open as many connections, each costing several round trips of set-up on the event loop. A
             # wait for a free connection longer than REDIS_POOL_TIMEOUT counts as an outage (fallback).
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=settings.REDIS_MAX_CONNECTIONS,
-                timeout=settings.REDIS_POOL_TIMEOUT,
-                socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
-                socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
-                retry_on_timeout=False,
-                decode_responses=True,
+            options: dict[str, Any] = {
+                "retry_on_timeout": False,
+                "decode_responses": True,
                 # Cluster maintenance notifications (Redis Enterprise/Cloud) cost a round trip per connection.
-                maint_notifications_config=MaintNotificationsConfig(enabled=False),
-            )
+                "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+            }
+            limits: dict[str, Any] = {"max_connections": settings.REDIS_MAX_CONNECTIONS,
+                                      "timeout": settings.REDIS_POOL_TIMEOUT}
+            if sentinel is not None:
+                pool: aioredis.ConnectionPool = master_pool(
+                    sentinel, socket_timeout=settings.REDIS_SOCKET_TIMEOUT, **limits, **options)
+            else:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    url, socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                    socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT, **limits, **options)
             self.client = aioredis.Redis.from_pool(pool)
             storage = RedisStorage(
-                "async+" + url,
+                # With a pool given, the URI only selects the implementation (its address is unused).
+                "async+" + (url if sentinel is None else "redis://sentinel-managed:6379"),
                 implementation="redispy",
                 connection_pool=self.client.connection_pool,
                 key_prefix=KEY_PREFIX + "limits",
@@ -128,14 +139,21 @@ class SharedState:
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_until_back())
 
     async def _probe_until_back(self) -> None:
-        assert self.client is not None
         while self.using_fallback:
             await asyncio.sleep(settings.REDIS_PROBE_INTERVAL)
             try:
-                await self.client.ping()
+                await self._answering_master()
             except (RedisError, OSError):
                 continue
             await self._mark_up()
+
+    async def _answering_master(self) -> None:
+        """PING the master; with Sentinel, ask the sentinels first, which drops connections to a former one."""
+        assert self.client is not None
+        pool = self.client.connection_pool
+        if isinstance(pool, MasterPool):
+            await pool.get_master_address()
+        await self.client.ping()
 
     async def _mark_up(self) -> None:
         if not self.using_fallback:
@@ -165,7 +183,7 @@ class SharedState:
         if self.client is None:
             return False
         try:
-            await self.client.ping()
+            await self._answering_master()
         except (RedisError, OSError) as exc:
             self._mark_down(exc)
             return False
@@ -188,11 +206,18 @@ class SharedState:
         }
 
     def describe(self) -> dict[str, Any]:
-        """Called by health checks: the static part of the Redis report (URL password masked)."""
+        """Called by health checks: the static part of the Redis report (no password, ever)."""
+        report: dict[str, Any] = {"redis_enabled": self.enabled, "using_fallback": self.using_fallback}
+        if self.sentinel is None:
+            return {**report, "redis_mode": "url", "redis_url": mask_url_password(self.url)}
+        pool = self.client.connection_pool if self.client is not None else None
         return {
-            "redis_enabled": self.enabled,
-            "using_fallback": self.using_fallback,
-            "redis_url": mask_url_password(self.url),
+            **report,
+            "redis_mode": "sentinel",
+            "redis_url": self.sentinel.describe(),
+            "sentinel_master": self.sentinel.master_name,
+            "redis_master": pool.current_master() if isinstance(pool, MasterPool) else None,
+            "master_switches": list(pool.switches) if isinstance(pool, MasterPool) else [],
         }
 
     # --- key/value ----------------------------------------------------------------------------------
@@ -296,7 +321,10 @@ class SharedState:
         if self._probe_task is not None:
             self._probe_task.cancel()
         if self.client is not None:
+            pool = self.client.connection_pool
             await self.client.aclose()
+            if isinstance(pool, MasterPool):
+                await pool.sentinel_manager.aclose()
 
 
 async def _window(limiter: MovingWindowRateLimiter, item: RateLimitItem, key: str) -> tuple[bool, int]:
@@ -314,7 +342,7 @@ def get_state() -> SharedState:
     loop = asyncio.get_running_loop()
     state = _states.get(loop)
     if state is None:
-        state = SharedState(settings.REDIS_URL, settings.REDIS_ENABLED)
+        state = SharedState(settings.REDIS_URL, settings.REDIS_ENABLED, settings.REDIS_SENTINEL)
         _states[loop] = state
     return state
 

@@ -131,7 +131,11 @@ class Command(BaseCommand):
         if not redis["redis_enabled"]:
             checks["redis"] = {"status": SKIP, "detail": "REDIS_ENABLED=false (single instance only)"}
         elif redis["redis_available"]:
-            checks["redis"] = {"status": OK, "detail": f"{redis['redis_url']} (v{redis['redis_version']})"}
+            master = f", master {redis['redis_master']}" if redis.get("redis_master") else ""  # sentinel mode
+            switches = redis.get("master_switches") or []
+            switched = f", last switch {switches[-1]['from']} → {switches[-1]['to']}" if switches else ""
+            checks["redis"] = {"status": OK,
+                               "detail": f"{redis['redis_url']} (v{redis['redis_version']}{master}{switched})"}
         else:
             checks["redis"] = {"status": DOWN, "detail": f"{redis['redis_url']} unreachable"}
         checks["upstream"] = result["upstream"]
