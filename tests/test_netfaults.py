@@ -1,0 +1,90 @@
+"""Issue 19 item 3: the client's link under real faults (a farm's mobile data).
+
+The client sits in a network namespace this test creates, behind a shaped link (tests/netns.py: 2 % loss
+and 150 ms ± 50 ms each way, a 5 s blackout in the middle of an answer); the gateway is a real uvicorn
+server bound only to the link's root-side address, answering with the local engine at real-time pace.
+The assertions are the protocol outcomes, never timings (figures: bench/netfaults.py, docs/RELIABILITY.md):
+the answer cut by the blackout completes on the same session (the connection survives it, or the client
+resumes the same session by itself), nothing of it is lost, and the next turn is answered with the whole
+conversation kept.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import unique_user
+from tests.live import LiveServer
+from tests.netfault_client import LinkClient, playback_gaps
+from tests.netns import ShapedLink, unavailable_reason
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FARM_LINK = {"loss": 0.02, "delay_ms": 150, "jitter_ms": 50}
+BLACKOUT_S = 5.0
+QUESTIONS = ["My flock is 12000 Ross 308 broilers at day 21. What temperature should the house be?",
+             "And how much water should they drink per day?"]
+
+
+@pytest.fixture(scope="module")
+def _netns_reason() -> str | None:
+    return unavailable_reason()
+
+
+@pytest.fixture
+def farm_link(_netns_reason):
+    """A fresh client namespace behind the farm link, removed whatever the test's outcome."""
+    if _netns_reason:
+        pytest.skip(f"shaped network namespaces unavailable: {_netns_reason}")
+    link = ShapedLink(seed=19).open()
+    yield link
+    link.close()
+
+
+@pytest.fixture
+def link_gateway(farm_link, settings, live_db):
+    """The gateway on the link's root end only, the local engine streaming answers in real time."""
+    settings.LOCAL_ENGINE_SPEED = 1.0  # like a voice reading out: the jitter buffer is never ahead for free
+    settings.MAX_SESSIONS_PER_USER_PER_HOUR = 1000
+    server = LiveServer(host=farm_link.root_addr).start()
+    yield server
+    server.stop()
+
+
+async def test_blackout_mid_answer_keeps_the_session_and_the_conversation(farm_link, link_gateway,
+                                                                         token_for) -> None:
+    from voice.models import VoiceSession
+    from voice.services.sessions import session_meta_load
+
+    client = LinkClient(link_gateway.ws_url, token_for(unique_user("netfault")), farm_link.socket)
+    farm_link.shape(**FARM_LINK)
+    ready = await client.connect()
+    blackout: dict = {}
+
+    def black_out_mid_answer(turn) -> None:
+        if not blackout and turn.audio_ms >= 1000:
+            blackout.update(farm_link.blackout(BLACKOUT_S))
+
+    first = await client.ask(QUESTIONS[0], on_audio=black_out_mid_answer, timeout=90)
+    assert blackout, "the answer ended before the blackout could start (answer too short?)"
+    if client.resumes:  # the connection was replaced: the same session, resumed by the client itself
+        assert all(r["session_id"] == ready["session_id"] and r["resumed"] for r in client.readies[1:])
+    else:  # the connection rode the blackout out: the whole answer arrived, in order
+        assert first.done is not None and first.done["response"]["status"] == "completed"
+        assert first.transcript == first.final_transcript() != ""
+        received_after = [t for t, _ in first.deltas if t > blackout["at"]]
+        assert received_after, "no audio after the blackout"
+    second = await client.ask(QUESTIONS[1], timeout=60)
+    assert second.done is not None and second.done["response"]["status"] == "completed"
+    assert second.deltas and second.transcript == second.final_transcript()
+    stats = farm_link.stats()
+    assert stats["lost"] > 0 and stats["blacked_out"] > 0  # the faults really happened
+    playback = playback_gaps(first.deltas, 100, first.done_at)
+    assert playback["gap_count"] >= 1  # the blackout is heard as (at least) one silence
+    await client.close()
+
+    meta = await session_meta_load(ready["session_id"])
+    assert [entry["user"] for entry in meta.history] == QUESTIONS  # the conversation is whole, in order
+    assert all(entry["assistant"] for entry in meta.history)
+    row = await VoiceSession.objects.aget(pk=ready["session_id"])
+    assert row.turns == 2 and row.connections == len(client.readies)
