@@ -153,6 +153,13 @@ class ShapedLink:
         """Drop every packet, both ways, for `seconds` from now (returns the shaper's counters)."""
         return self._command(blackout_s=seconds)
 
+    def set_client_link(self, up: bool) -> None:
+        """Take the client's interface down (no route: connects fail at once, like a phone between
+        networks) or back up."""
+        _ip("link", "set", NS_TUN, "up" if up else "down", netns=self.netns)
+        if up:  # the peer route goes with the link; put it back if the kernel did not
+            _ip("route", "replace", self.root_addr, "dev", NS_TUN, "src", self.client_addr, netns=self.netns)
+
     def stats(self) -> dict[str, Any]:
         """Packets forwarded, lost to the loss rate, and dropped by blackouts so far."""
         return self._command(stats=True)

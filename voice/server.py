@@ -153,8 +153,8 @@ def server_config(*, host: str, port: int, uds: str | None = None, fd: int | Non
         ws=VOICE_WS_PROTOCOL if ws == "voice" else ws,
         ws_max_size=settings.VOICE_MAX_FRAME_BYTES,  # larger frames: close 1009 by the server itself
         ws_per_message_deflate=False,  # base64 audio barely compresses; deflate costs CPU per frame
-        ws_ping_interval=20,
-        ws_ping_timeout=20,
+        ws_ping_interval=settings.VOICE_WS_PING_INTERVAL_SECONDS,
+        ws_ping_timeout=settings.VOICE_WS_PING_TIMEOUT_SECONDS,
         lifespan="off",
         access_log=access_log,
         log_config=None,  # Django's LOGGING (with secret redaction) owns the loggers

@@ -1,0 +1,225 @@
+"""The client's link under real faults: audio continuity, turn latency, blackouts, dead links, resume.
+
+A client namespace behind a shaped link (tests/netns.py: a userspace netem between two TUN devices) talks
+to a gateway process bound only to the link's root-side address, answering with the local engine in real
+time (LOCAL_ENGINE_SPEED=1). Scenarios:
+
+  clean     no shaping: the reference
+  farm      2 % loss, 150 ms ± 50 ms each way (RTT ~300 ms): typed turns
+  blackout  farm + all packets dropped for 5 s once 1 s of an answer has arrived; then the next turn
+  drop      farm + the phone changes network mid-answer: the client's socket dies and its interface is
+            down for 5 s (connects fail at once); the client resumes with voice-client.js's backoff
+  dead      farm + the client vanishes for good: how long until the gateway ends the session (ping timeout)
+
+Audio continuity is the JS client's jitter buffer replayed over the measured arrival times
+(`tests.netfault_client.playback_gaps`) for several `initialBufferMs`. Raw JSON: bench/results/netfaults-*.json.
+
+    .venv/bin/python bench/netfaults.py                     # all scenarios (~3 min)
+    .venv/bin/python bench/netfaults.py --ping 10,10        # the gateway's ping interval,timeout
+    .venv/bin/python bench/netfaults.py --backoff 250,400,8000,5 --scenarios drop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import PYTHON, Server, bench_env, free_port, machine, prepare_db, setup_django, summary, write_result
+
+DB = "/tmp/bench-netfaults.sqlite3"
+FARM = {"loss": 0.02, "delay_ms": 150, "jitter_ms": 50}
+BUFFERS_MS = [100, 200, 300, 500, 800]
+QUESTIONS = [
+    "My flock is 12000 Ross 308 broilers at day 21. What temperature should the house be?",
+    "And how much water should they drink per day?",
+    "What about the lighting program?",
+]
+
+
+def wait_listening(host: str, port: int, proc: Any, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("gateway exited")
+        try:
+            with socket.create_connection((host, port), timeout=0.3):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("gateway not listening")
+
+
+def active_sessions(host: str, port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("voice_active_sessions "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def turn_figures(turn: Any, blackout_end: float | None = None) -> dict[str, Any]:
+    """Latency, arrival gaps, and the replayed playback for each buffer size."""
+    from tests.netfault_client import playback_gaps
+
+    arrivals = [t for t, _ in turn.deltas]
+    inter = [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    out: dict[str, Any] = {
+        "first_audio_ms": (turn.first_audio_s or 0) * 1000 if turn.deltas else None,
+        "audio_ms": turn.audio_ms,
+        "deltas": len(turn.deltas),
+        "completed": bool(turn.done and turn.done["response"]["status"] == "completed"),
+        "transcript_intact": bool(turn.done) and turn.transcript == turn.final_transcript(),
+        "inter_arrival_ms": summary(inter),
+        "max_inter_arrival_ms": max(inter) if inter else None,
+        "playback": {},
+    }
+    for buffer_ms in BUFFERS_MS:
+        play = playback_gaps(turn.deltas, buffer_ms, turn.done_at)
+        gaps = play["gaps"]
+        if blackout_end is not None:  # the blackout's own silence, separated from the loss/jitter ones
+            outage = [g for g in gaps if g["at"] <= blackout_end + 10 and g["at"] + g["ms"] / 1000 >= blackout_end - 6]
+            others = [g for g in gaps if g not in outage]
+        else:
+            outage, others = [], gaps
+        out["playback"][str(buffer_ms)] = {
+            "start_ms": (play["started_at"] - turn.sent_at) * 1000 if play["started_at"] else None,
+            "gaps": len(others), "gap_ms": sum(g["ms"] for g in others),
+            "outage_silence_ms": sum(g["ms"] for g in outage),
+        }
+    if blackout_end is not None:
+        after = [t for t in arrivals if t > blackout_end]
+        out["audio_back_after_blackout_ms"] = (after[0] - blackout_end) * 1000 if after else None
+    return out
+
+
+async def scenario(name: str, url: str, token: str, link: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from tests.netfault_client import Backoff, LinkClient
+    from voice.services.sessions import session_meta_load
+
+    backoff = Backoff(*[float(v) for v in args.backoff.split(",")[:3]], attempts=int(args.backoff.split(",")[3]))
+    link.set_client_link(True)
+    link.shape(**({} if name == "clean" else FARM))
+    client = LinkClient(url, token, link.socket, backoff)
+    ready = await client.connect()
+    result: dict[str, Any] = {"scenario": name, "session_id": ready["session_id"], "turns": []}
+    marks: dict[str, float] = {}
+
+    if name == "dead":
+        link.blackout(3600)
+        gone_at = time.monotonic()
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        while time.monotonic() - gone_at < args.dead_wait:
+            if active_sessions(host, int(port)) == 0:
+                result["server_ended_session_after_s"] = time.monotonic() - gone_at
+                break
+            await asyncio.sleep(0.25)
+        else:
+            result["server_ended_session_after_s"] = None
+        client.client.ws.transport.abort()
+        link.blackout(0)
+        return result
+
+    def fault(turn: Any) -> None:
+        if marks or turn.audio_ms < 1000:
+            return
+        marks["at"] = time.monotonic()
+        if name == "blackout":
+            link.blackout(args.blackout)
+            marks["end"] = marks["at"] + args.blackout
+        elif name == "drop":
+            link.set_client_link(False)
+            client.client.ws.transport.abort()  # the OS drops the socket when the network changes
+            asyncio.get_running_loop().call_later(args.blackout, link.set_client_link, True)
+            marks["end"] = marks["at"] + args.blackout
+
+    for index, question in enumerate(QUESTIONS[: args.turns]):
+        faulty = name in ("blackout", "drop") and index == 0
+        turn = await client.ask(question, on_audio=fault if faulty else None, timeout=120)
+        figures = turn_figures(turn, marks.get("end") if faulty else None)
+        result["turns"].append(figures)
+    if client.resumes:
+        result["resumes"] = [{"attempts": r["attempts"], "ready_after_link_back_ms":
+                              (r["ready_at"] - marks["end"]) * 1000 if marks else None} for r in client.resumes]
+    result["connections"] = len(client.readies)
+    result["same_session"] = all(r["session_id"] == ready["session_id"] for r in client.readies)
+    await client.close()
+    await asyncio.sleep(0.5)
+    meta = await session_meta_load(ready["session_id"])
+    asked = QUESTIONS[: args.turns]
+    result["history_users"] = [e["user"] for e in meta.history] if meta else None
+    result["conversation_intact"] = bool(meta) and result["history_users"] == asked
+    return result
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.common import issue_tokens
+    from tests.netns import ShapedLink, netem_available, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"cannot run: {reason}")
+    interval, timeout = (float(v) for v in args.ping.split(","))
+    out: dict[str, Any] = {"machine": machine(), "netem_in_kernel": netem_available(), "link": FARM,
+                           "blackout_s": args.blackout, "ping_interval_s": interval, "ping_timeout_s": timeout,
+                           "backoff": args.backoff, "engine_speed": 1.0, "runs": []}
+    with ShapedLink(seed=args.seed) as link:
+        port = free_port()
+        env = bench_env(DB, LOCAL_ENGINE_SPEED="1.0", VOICE_WS_PING_INTERVAL_SECONDS=interval,
+                        VOICE_WS_PING_TIMEOUT_SECONDS=timeout)
+        server = Server("netfaults-gateway", [PYTHON, "manage.py", "voice_serve", "--host", link.root_addr,
+                                              "--port", str(port), "--no-access-log"], port, env=env)
+        try:
+            wait_listening(link.root_addr, port, server.proc)
+            url = f"ws://{link.root_addr}:{port}/v1/ws/voice"
+            tokens = iter(issue_tokens(f"netfaults-{os.getpid()}-{int(time.time())}", 100))
+            for repeat in range(args.repeat):
+                for name in args.scenarios.split(","):
+                    started = time.monotonic()
+                    result = await scenario(name, url, next(tokens), link, args)
+                    result["repeat"], result["wall_s"] = repeat, time.monotonic() - started
+                    out["runs"].append(result)
+                    print(name, {k: v for k, v in result.items() if k not in ("turns", "history_users")},
+                          [(t["first_audio_ms"], t.get("audio_back_after_blackout_ms"),
+                            {b: (p["gaps"], round(p["gap_ms"]), round(p["outage_silence_ms"]))
+                             for b, p in t["playback"].items()}) for t in result.get("turns", [])],
+                          flush=True)
+        finally:
+            server.stop()
+            out["link_stats"] = link.stats()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default="clean,farm,blackout,drop,dead")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument("--blackout", type=float, default=5.0)
+    parser.add_argument("--ping", default="20,20", help="the gateway's ws ping interval,timeout (s)")
+    parser.add_argument("--backoff", default="250,400,8000,5", help="resume first_ms,base_ms,max_ms,attempts")
+    parser.add_argument("--dead-wait", type=float, default=90.0)
+    parser.add_argument("--seed", type=int, default=19)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args(argv)
+    setup_django(DB)
+    prepare_db(DB)
+    out = asyncio.run(run(args))
+    path = write_result("netfaults" + (f"-{args.tag}" if args.tag else ""), out)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
