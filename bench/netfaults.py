@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import socket
 import sys
@@ -74,7 +75,7 @@ def turn_figures(turn: Any, blackout_end: float | None = None) -> dict[str, Any]
     from tests.netfault_client import playback_gaps
 
     arrivals = [t for t, _ in turn.deltas]
-    inter = [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    inter = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
     out: dict[str, Any] = {
         "first_audio_ms": (turn.first_audio_s or 0) * 1000 if turn.deltas else None,
         "audio_ms": turn.audio_ms,

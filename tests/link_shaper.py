@@ -91,6 +91,8 @@ class Shaper:
                 self.stats["forwarded"] += 1
             except BlockingIOError:
                 self.stats["lost"] += 1  # the device's queue is full: a real link drops too
+            except OSError:
+                self.stats["blacked_out"] += 1  # EIO: that end's interface is down
         return self.queue[0][0] - now if self.queue else None
 
     def command(self, cmd: dict, now: float) -> dict:
