@@ -28,7 +28,6 @@ import os
 import socket
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +58,11 @@ def wait_listening(host: str, port: int, proc: Any, timeout: float = 30) -> None
     raise RuntimeError("gateway not listening")
 
 
-def active_sessions(host: str, port: int) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("voice_active_sessions "):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
+async def session_ended(session_id: str) -> bool:
+    """Whether the gateway has ended (and recorded) the session: its row has an end time."""
+    from voice.models import VoiceSession
+
+    return await VoiceSession.objects.filter(pk=session_id, ended_at__isnull=False).aexists()
 
 
 def turn_figures(turn: Any, blackout_end: float | None = None) -> dict[str, Any]:
@@ -120,9 +115,8 @@ async def scenario(name: str, url: str, token: str, link: Any, args: argparse.Na
     if name == "dead":
         link.blackout(3600)
         gone_at = time.monotonic()
-        host, port = url.split("//")[1].split("/")[0].split(":")
         while time.monotonic() - gone_at < args.dead_wait:
-            if active_sessions(host, int(port)) == 0:
+            if await session_ended(ready["session_id"]):
                 result["server_ended_session_after_s"] = time.monotonic() - gone_at
                 break
             await asyncio.sleep(0.25)
@@ -174,11 +168,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     interval, timeout = (float(v) for v in args.ping.split(","))
     out: dict[str, Any] = {"machine": machine(), "netem_in_kernel": netem_available(), "link": FARM,
                            "blackout_s": args.blackout, "ping_interval_s": interval, "ping_timeout_s": timeout,
-                           "backoff": args.backoff, "engine_speed": 1.0, "runs": []}
+                           "backoff": args.backoff, "tcp_rto_max_ms": args.rto_max_ms, "engine_speed": 1.0, "runs": []}
     with ShapedLink(seed=args.seed) as link:
         port = free_port()
         env = bench_env(DB, LOCAL_ENGINE_SPEED="1.0", VOICE_WS_PING_INTERVAL_SECONDS=interval,
-                        VOICE_WS_PING_TIMEOUT_SECONDS=timeout)
+                        VOICE_WS_PING_TIMEOUT_SECONDS=timeout, VOICE_TCP_RTO_MAX_MS=args.rto_max_ms)
         server = Server("netfaults-gateway", [PYTHON, "manage.py", "voice_serve", "--host", link.root_addr,
                                               "--port", str(port), "--no-access-log"], port, env=env)
         try:
@@ -210,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blackout", type=float, default=5.0)
     parser.add_argument("--ping", default="20,20", help="the gateway's ws ping interval,timeout (s)")
     parser.add_argument("--backoff", default="250,400,8000,5", help="resume first_ms,base_ms,max_ms,attempts")
+    parser.add_argument("--rto-max-ms", type=int, default=1000, help="VOICE_TCP_RTO_MAX_MS (0: kernel default)")
     parser.add_argument("--dead-wait", type=float, default=90.0)
     parser.add_argument("--seed", type=int, default=19)
     parser.add_argument("--tag", default="")

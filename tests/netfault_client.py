@@ -20,7 +20,7 @@ import websockets
 
 from tests.live import VoiceClient
 
-RESUMABLE_CLOSE_CODES = {4012, 1012, 1006, 1001}  # voice-client.js RESUMABLE_CLOSE_CODES
+RESUMABLE_CLOSE_CODES = {4012, 1012, 1011, 1006, 1001}  # voice-client.js RESUMABLE_CLOSE_CODES
 BYTES_PER_MS = 48
 
 
