@@ -37,7 +37,8 @@ from bench.common import PYTHON, Server, bench_env, free_port, machine, prepare_
 
 DB = "/tmp/bench-netfaults.sqlite3"
 FARM = {"loss": 0.02, "delay_ms": 150, "jitter_ms": 50}
-BUFFERS_MS = [100, 200, 300, 500, 800]
+BUFFERS_MS = [100, 200, 300, 500, 800]  # fixed jitter buffers; "100-800" is the adaptive one (x2 per underrun)
+ADAPTIVE = (100, 800)
 QUESTIONS = [
     "My flock is 12000 Ross 308 broilers at day 21. What temperature should the house be?",
     "And how much water should they drink per day?",
@@ -80,9 +81,14 @@ def turn_figures(turn: Any, blackout_end: float | None = None) -> dict[str, Any]
         "inter_arrival_ms": summary(inter),
         "max_inter_arrival_ms": max(inter) if inter else None,
         "playback": {},
+        "arrivals": [[t - turn.sent_at, ms] for t, ms in turn.deltas],  # raw: replay other buffers later
     }
-    for buffer_ms in BUFFERS_MS:
-        play = playback_gaps(turn.deltas, buffer_ms, turn.done_at)
+    for buffer_ms in [*BUFFERS_MS, ADAPTIVE]:
+        if isinstance(buffer_ms, tuple):
+            play = playback_gaps(turn.deltas, buffer_ms[0], turn.done_at, max_buffer_ms=buffer_ms[1])
+            buffer_ms = f"{buffer_ms[0]}-{buffer_ms[1]}"
+        else:
+            play = playback_gaps(turn.deltas, buffer_ms, turn.done_at)
         gaps = play["gaps"]
         if blackout_end is not None:  # the blackout's own silence, separated from the loss/jitter ones
             outage = [g for g in gaps if g["at"] <= blackout_end + 10 and g["at"] + g["ms"] / 1000 >= blackout_end - 6]

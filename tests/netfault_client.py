@@ -147,14 +147,16 @@ class LinkClient:
             await self.client.close()
 
 
-def playback_gaps(deltas: list[tuple[float, float]], initial_buffer_ms: float, done_at: float | None = None
-                  ) -> dict[str, Any]:
+def playback_gaps(deltas: list[tuple[float, float]], initial_buffer_ms: float, done_at: float | None = None,
+                  max_buffer_ms: float | None = None) -> dict[str, Any]:
     """Replay arrivals through voice-client.js's jitter buffer: when playback starts, and every silence
-    inside the answer (an underrun: the buffer ran dry, then refilled `initial_buffer_ms` before playing on).
+    inside the answer (an underrun: the buffer ran dry, then refilled before playing on).
 
     The JS client buffers `initialBufferMs` before the first sample, schedules chunks back to back while
-    audio is playing, and after an underrun buffers again; response.done flushes what is pending.
+    audio is playing, and after an underrun buffers again, twice as much each time up to `maxBufferMs`
+    (`max_buffer_ms` None: a fixed buffer, the client before the adaptive one); response.done flushes.
     """
+    buffer_ms = initial_buffer_ms
     playhead = 0.0  # when the audio scheduled so far ends
     started_at: float | None = None
     pending: list[float] = []
@@ -174,8 +176,10 @@ def playback_gaps(deltas: list[tuple[float, float]], initial_buffer_ms: float, d
         if started_at is not None and playhead > arrival and not pending:
             playhead += ms / 1000  # playing: appended behind what is scheduled
             continue
+        if started_at is not None and not pending and max_buffer_ms is not None:
+            buffer_ms = min(max_buffer_ms, buffer_ms * 2)  # an underrun: buffer more from now on
         pending.append(ms)
-        if sum(pending) >= initial_buffer_ms:
+        if sum(pending) >= buffer_ms:
             flush(arrival)
     if pending:
         flush(done_at if done_at is not None else deltas[-1][0])
@@ -185,4 +189,5 @@ def playback_gaps(deltas: list[tuple[float, float]], initial_buffer_ms: float, d
         "gaps": gaps,
         "gap_count": len(gaps),
         "gap_ms": sum(g["ms"] for g in gaps),
+        "buffer_ms": buffer_ms,
     }

@@ -153,6 +153,10 @@ class ShapedLink:
         """Drop every packet, both ways, for `seconds` from now (returns the shaper's counters)."""
         return self._command(blackout_s=seconds)
 
+    def route_to(self, address: str) -> None:
+        """Reach another local address of the root namespace (e.g. another link's end) over this link."""
+        _ip("route", "replace", address, "dev", NS_TUN, "src", self.client_addr, netns=self.netns)
+
     def set_client_link(self, up: bool) -> None:
         """Take the client's interface down (no route: connects fail at once, like a phone between
         networks) or back up."""

@@ -88,3 +88,48 @@ async def test_blackout_mid_answer_keeps_the_session_and_the_conversation(farm_l
     assert all(entry["assistant"] for entry in meta.history)
     row = await VoiceSession.objects.aget(pk=ready["session_id"])
     assert row.turns == 2 and row.connections == len(client.readies)
+
+
+@pytest.fixture
+def second_link(_netns_reason, farm_link):
+    """Another network the client moves to (the barn's other access point), routed to the same gateway."""
+    link = ShapedLink(seed=20).open()
+    link.route_to(farm_link.root_addr)
+    yield link
+    link.close()
+
+
+async def test_moving_to_another_network_mid_answer_resumes_the_same_session(farm_link, second_link,
+                                                                            link_gateway, token_for) -> None:
+    """The old link goes silent for good mid-answer (the gateway cannot tell yet) and the client's socket
+    dies with it; the client resumes over another network: the gateway hands the session over from the
+    connection it still holds, and the conversation keeps the question whose answer was cut."""
+    from voice.models import VoiceSession
+    from voice.services.sessions import session_meta_load
+
+    client = LinkClient(link_gateway.ws_url, token_for(unique_user("netmove")), farm_link.socket)
+    farm_link.shape(**FARM_LINK)
+    second_link.shape(**FARM_LINK)
+    ready = await client.connect()
+
+    moved: list[bool] = []
+
+    def move_mid_answer(turn) -> None:
+        if not moved and turn.audio_ms >= 1000:
+            moved.append(True)
+            farm_link.blackout(3600)  # nothing of the old connection reaches the gateway any more
+            client.make_socket = second_link.socket
+            client.client.ws.transport.abort()  # the phone drops its sockets when it changes network
+
+    cut = await client.ask(QUESTIONS[0], on_audio=move_mid_answer, timeout=90)
+    assert cut.done is None and client.resumes, "the answer should have been cut by the move"
+    resumed = client.readies[-1]
+    assert resumed["session_id"] == ready["session_id"] and resumed["resumed"] is True
+    second = await client.ask(QUESTIONS[1], timeout=60)
+    assert second.done is not None and second.done["response"]["status"] == "completed"
+    await client.close()
+
+    meta = await session_meta_load(ready["session_id"])
+    assert [entry["user"] for entry in meta.history] == QUESTIONS  # the cut turn's question is kept
+    row = await VoiceSession.objects.aget(pk=ready["session_id"])
+    assert row.connections == 2
