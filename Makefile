@@ -33,6 +33,7 @@ run: migrate
 
 test: bootstrap
 	@scripts/ensure-browser.sh || echo "warning: Chromium unavailable; browser tests will be skipped"
+	@scripts/ensure-iproute2.sh || echo "warning: iproute2 unavailable; link-fault tests will be skipped"
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: bootstrap

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import socket
 import sys
@@ -33,7 +34,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PYTHON, Server, bench_env, free_port, machine, prepare_db, setup_django, summary, write_result
+from bench.common import (
+    PYTHON,
+    Server,
+    bench_env,
+    free_port,
+    machine,
+    prepare_db,
+    rnd,
+    setup_django,
+    summary,
+    write_result,
+)
 
 DB = "/tmp/bench-netfaults.sqlite3"
 FARM = {"loss": 0.02, "delay_ms": 150, "jitter_ms": 50}
@@ -202,6 +214,45 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def summarize(out: dict[str, Any]) -> dict[str, Any]:
+    """Per scenario: medians and lists over the repeats (what docs/RELIABILITY.md quotes)."""
+    from bench.common import median
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for run_ in out["runs"]:
+        by.setdefault(run_["scenario"], []).append(run_)
+    result: dict[str, Any] = {}
+    for name, runs in by.items():
+        turns = [t for r in runs for t in r.get("turns", [])]
+        clean_turns = [t for r in runs for i, t in enumerate(r.get("turns", []))
+                       if not (name in ("blackout", "drop") and i == 0)]
+        entry: dict[str, Any] = {
+            "runs": len(runs),
+            "first_audio_ms_median": median([t["first_audio_ms"] for t in turns if t["first_audio_ms"]]),
+            "same_session": sum(bool(r.get("same_session", True)) for r in runs),
+            "conversation_intact": sum(bool(r.get("conversation_intact")) for r in runs),
+        }
+        buffers = turns[0]["playback"].keys() if turns else []
+        entry["silences_per_answer"] = {
+            b: {"count": sum(t["playback"][b]["gaps"] for t in clean_turns) / max(1, len(clean_turns)),
+                "ms": sum(t["playback"][b]["gap_ms"] for t in clean_turns) / max(1, len(clean_turns)),
+                "start_ms": median([t["playback"][b]["start_ms"] for t in clean_turns])}
+            for b in buffers
+        }
+        if name == "blackout":
+            entry["audio_back_after_link_ms"] = [r["turns"][0].get("audio_back_after_blackout_ms") for r in runs]
+            entry["blackout_silence_ms_100"] = [r["turns"][0]["playback"]["100"]["outage_silence_ms"]
+                                                for r in runs]
+        if name == "drop":
+            entry["resumed_after_link_ms"] = [(r.get("resumes") or [{}])[0].get("ready_after_link_back_ms")
+                                              for r in runs]
+            entry["resume_attempts"] = [(r.get("resumes") or [{}])[0].get("attempts") for r in runs]
+        if name == "dead":
+            entry["server_ended_session_after_s"] = [r.get("server_ended_session_after_s") for r in runs]
+        result[name] = entry
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default="clean,farm,blackout,drop,dead")
@@ -218,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_django(DB)
     prepare_db(DB)
     out = asyncio.run(run(args))
+    out["summary"] = summarize(out)
+    print(json.dumps(rnd(out["summary"], 0), indent=1))
     path = write_result("netfaults" + (f"-{args.tag}" if args.tag else ""), out)
     print("wrote", path)
     return 0
