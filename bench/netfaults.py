@@ -159,7 +159,11 @@ async def scenario(name: str, url: str, token: str, link: Any, args: argparse.Na
 
     for index, question in enumerate(QUESTIONS[: args.turns]):
         faulty = name in ("blackout", "drop") and index == 0
-        turn = await client.ask(question, on_audio=fault if faulty else None, timeout=120)
+        try:
+            turn = await client.ask(question, on_audio=fault if faulty else None, timeout=120)
+        except ConnectionError:  # every resume attempt failed: the client gives up (refused "network")
+            result["gave_up_after_s"] = time.monotonic() - marks["at"]
+            break
         figures = turn_figures(turn, marks.get("end") if faulty else None)
         result["turns"].append(figures)
     if client.resumes:
@@ -186,10 +190,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     interval, timeout = (float(v) for v in args.ping.split(","))
     out: dict[str, Any] = {"machine": machine(), "netem_in_kernel": netem_available(), "link": FARM,
                            "blackout_s": args.blackout, "ping_interval_s": interval, "ping_timeout_s": timeout,
-                           "backoff": args.backoff, "tcp_rto_max_ms": args.rto_max_ms, "engine_speed": 1.0, "runs": []}
+                           "backoff": args.backoff, "tcp_rto_max_ms": args.rto_max_ms, "engine_speed": args.speed,
+                           "runs": []}
     with ShapedLink(seed=args.seed) as link:
         port = free_port()
-        env = bench_env(DB, LOCAL_ENGINE_SPEED="1.0", VOICE_WS_PING_INTERVAL_SECONDS=interval,
+        env = bench_env(DB, LOCAL_ENGINE_SPEED=args.speed, VOICE_WS_PING_INTERVAL_SECONDS=interval,
                         VOICE_WS_PING_TIMEOUT_SECONDS=timeout, VOICE_TCP_RTO_MAX_MS=args.rto_max_ms)
         server = Server("netfaults-gateway", [PYTHON, "manage.py", "voice_serve", "--host", link.root_addr,
                                               "--port", str(port), "--no-access-log"], port, env=env)
@@ -244,6 +249,7 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
             entry["blackout_silence_ms_100"] = [r["turns"][0]["playback"]["100"]["outage_silence_ms"]
                                                 for r in runs]
         if name == "drop":
+            entry["gave_up"] = sum("gave_up_after_s" in r for r in runs)
             entry["resumed_after_link_ms"] = [(r.get("resumes") or [{}])[0].get("ready_after_link_back_ms")
                                               for r in runs]
             entry["resume_attempts"] = [(r.get("resumes") or [{}])[0].get("attempts") for r in runs]
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="clean,farm,blackout,drop,dead")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="LOCAL_ENGINE_SPEED: 1 real time, 8 OpenAI-like bursts")
     parser.add_argument("--blackout", type=float, default=5.0)
     parser.add_argument("--ping", default="20,20", help="the gateway's ws ping interval,timeout (s)")
     parser.add_argument("--backoff", default="250,400,8000,5", help="resume first_ms,base_ms,max_ms,attempts")
