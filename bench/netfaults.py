@@ -131,6 +131,7 @@ async def scenario(name: str, url: str, token: str, link: Any, args: argparse.Na
     marks: dict[str, float] = {}
 
     if name == "dead":
+        await asyncio.sleep(3)  # idle: nothing in flight, only the gateway's pings can find out
         link.blackout(3600)
         gone_at = time.monotonic()
         while time.monotonic() - gone_at < args.dead_wait:
