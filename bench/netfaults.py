@@ -50,7 +50,7 @@ from bench.common import (
 DB = "/tmp/bench-netfaults.sqlite3"
 FARM = {"loss": 0.02, "delay_ms": 150, "jitter_ms": 50}
 BUFFERS_MS = [100, 200, 300, 500, 800]  # fixed jitter buffers; "100-800" is the adaptive one (x2 per underrun)
-ADAPTIVE = (100, 800)
+ADAPTIVE = (100, 800)  # voice-client.js: initialBufferMs, maxBufferMs; the grown buffer carries to the next answer
 QUESTIONS = [
     "My flock is 12000 Ross 308 broilers at day 21. What temperature should the house be?",
     "And how much water should they drink per day?",
@@ -78,8 +78,10 @@ async def session_ended(session_id: str) -> bool:
     return await VoiceSession.objects.filter(pk=session_id, ended_at__isnull=False).aexists()
 
 
-def turn_figures(turn: Any, blackout_end: float | None = None) -> dict[str, Any]:
-    """Latency, arrival gaps, and the replayed playback for each buffer size."""
+def turn_figures(turn: Any, blackout_end: float | None = None, adaptive_from: float = ADAPTIVE[0]
+                 ) -> dict[str, Any]:
+    """Latency, arrival gaps, and the replayed playback for each buffer size (the adaptive one starting
+    from `adaptive_from`, what the session's earlier answers grew it to)."""
     from tests.netfault_client import playback_gaps
 
     arrivals = [t for t, _ in turn.deltas]
@@ -97,8 +99,9 @@ def turn_figures(turn: Any, blackout_end: float | None = None) -> dict[str, Any]
     }
     for buffer_ms in [*BUFFERS_MS, ADAPTIVE]:
         if isinstance(buffer_ms, tuple):
-            play = playback_gaps(turn.deltas, buffer_ms[0], turn.done_at, max_buffer_ms=buffer_ms[1])
+            play = playback_gaps(turn.deltas, adaptive_from, turn.done_at, max_buffer_ms=buffer_ms[1])
             buffer_ms = f"{buffer_ms[0]}-{buffer_ms[1]}"
+            out["adaptive_buffer_ms_after"] = play["buffer_ms"]
         else:
             play = playback_gaps(turn.deltas, buffer_ms, turn.done_at)
         gaps = play["gaps"]
@@ -158,6 +161,7 @@ async def scenario(name: str, url: str, token: str, link: Any, args: argparse.Na
             asyncio.get_running_loop().call_later(args.blackout, link.set_client_link, True)
             marks["end"] = marks["at"] + args.blackout
 
+    adaptive = ADAPTIVE[0]
     for index, question in enumerate(QUESTIONS[: args.turns]):
         faulty = name in ("blackout", "drop") and index == 0
         try:
@@ -165,7 +169,8 @@ async def scenario(name: str, url: str, token: str, link: Any, args: argparse.Na
         except ConnectionError:  # every resume attempt failed: the client gives up (refused "network")
             result["gave_up_after_s"] = time.monotonic() - marks["at"]
             break
-        figures = turn_figures(turn, marks.get("end") if faulty else None)
+        figures = turn_figures(turn, marks.get("end") if faulty else None, adaptive)
+        adaptive = figures["adaptive_buffer_ms_after"]
         result["turns"].append(figures)
     if client.resumes:
         result["resumes"] = [{"attempts": r["attempts"], "ready_after_link_back_ms":

@@ -76,6 +76,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._ended = False
         self._finished = False
         self._superseded = False
+        self._persisted = asyncio.Event()  # set once the session state (history) is saved at the end
         # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
         self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
         self._frame_rate: float = settings.VOICE_MAX_FRAMES_PER_SECOND
@@ -343,6 +344,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         before the new connection loads it, and leave the slot to the new connection."""
         self._superseded = True
         await self._end("client_closed", None, "", close_code=1001)
+        # It may already have been ending (its link's reset arrived first): wait until its history is saved.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._persisted.wait(), 5)
 
     def _used_seconds(self) -> float:
         return self.meta.used_s + (time.monotonic() - self.connected_at)
@@ -363,7 +367,6 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if listener is not None and listener is not asyncio.current_task():
             listener.cancel()
         await session.close()
-        registry.unregister(self)
         if getattr(self, "_counted_active", False):
             metrics.ACTIVE_SESSIONS.dec()
         connected = time.monotonic() - self.connected_at
@@ -379,6 +382,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
                 await state.slot_release(concurrency_key(self.identity.user_id), self.session_id)
                 await state.slot_release(ACTIVE_SESSIONS_KEY, self.session_id)
             await session_services.session_meta_save(meta)
+        # Registered until its state is saved: a resume arriving meanwhile finds it and waits (supersede).
+        registry.unregister(self)
+        self._persisted.set()
         record = session_services.session_end_record(
             meta=meta, stats=session.stats, user_pk=self.admission.user.pk,
             upstream=session.upstream_kind or upstream_kind(), instance=self.instance,
