@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="LOCAL_ENGINE_SPEED: 1 real time, 8 OpenAI-like bursts")
     parser.add_argument("--blackout", type=float, default=5.0)
     parser.add_argument("--ping", default="20,20", help="the gateway's ws ping interval,timeout (s)")
-    parser.add_argument("--backoff", default="250,400,8000,5", help="resume first_ms,base_ms,max_ms,attempts")
+    parser.add_argument("--backoff", default="250,400,2000,15",
+                        help="resume first_ms,base_ms,max_ms,attempts (voice-client.js; before: 250,400,8000,5)")
     parser.add_argument("--rto-max-ms", type=int, default=1000, help="VOICE_TCP_RTO_MAX_MS (0: kernel default)")
     parser.add_argument("--dead-wait", type=float, default=90.0)
     parser.add_argument("--seed", type=int, default=19)

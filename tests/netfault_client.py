@@ -30,8 +30,8 @@ class Backoff:
 
     first_ms: float = 250
     base_ms: float = 400
-    max_ms: float = 8000
-    attempts: int = 5
+    max_ms: float = 2000
+    attempts: int = 15
 
     def delay_s(self, attempt: int) -> float:
         """Seconds to wait before resume attempt `attempt` (1-based)."""
