@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=1.0,
                         help="LOCAL_ENGINE_SPEED: 1 real time, 8 OpenAI-like bursts")
     parser.add_argument("--blackout", type=float, default=5.0)
-    parser.add_argument("--ping", default="20,20", help="the gateway's ws ping interval,timeout (s)")
+    parser.add_argument("--ping", default="10,10", help="the gateway's ws ping interval,timeout (s); before: 20,20")
     parser.add_argument("--backoff", default="250,400,2000,15",
                         help="resume first_ms,base_ms,max_ms,attempts (voice-client.js; before: 250,400,8000,5)")
     parser.add_argument("--rto-max-ms", type=int, default=1000, help="VOICE_TCP_RTO_MAX_MS (0: kernel default)")

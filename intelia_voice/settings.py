@@ -156,8 +156,8 @@ VOICE_TICKET_TTL = env.int("VOICE_TICKET_TTL", default=30)
 VOICE_DRAIN_GRACE_SECONDS = env.float("VOICE_DRAIN_GRACE_SECONDS", default=2.0)
 # WebSocket keepalive with the client: a ping every INTERVAL s, the link declared dead (session ended, slot
 # released) when its pong is TIMEOUT s late. Chosen with bench/netfaults.py (docs/RELIABILITY.md).
-VOICE_WS_PING_INTERVAL_SECONDS = env.float("VOICE_WS_PING_INTERVAL_SECONDS", default=20.0)
-VOICE_WS_PING_TIMEOUT_SECONDS = env.float("VOICE_WS_PING_TIMEOUT_SECONDS", default=20.0)
+VOICE_WS_PING_INTERVAL_SECONDS = env.float("VOICE_WS_PING_INTERVAL_SECONDS", default=10.0)
+VOICE_WS_PING_TIMEOUT_SECONDS = env.float("VOICE_WS_PING_TIMEOUT_SECONDS", default=10.0)
 # Cap on TCP's retransmission timeout for client connections (Linux >= 6.15, min 1000; 0: kernel default,
 # 120 s): audio held up by a link blackout is resent within this long of the link's return.
 VOICE_TCP_RTO_MAX_MS = env.int("VOICE_TCP_RTO_MAX_MS", default=1000)
