@@ -133,3 +133,26 @@ async def test_moving_to_another_network_mid_answer_resumes_the_same_session(far
     assert [entry["user"] for entry in meta.history] == QUESTIONS  # the cut turn's question is kept
     row = await VoiceSession.objects.aget(pk=ready["session_id"])
     assert row.connections == 2
+
+
+def test_client_connections_inherit_the_retransmission_cap(gateway) -> None:
+    """VOICE_TCP_RTO_MAX_MS is set on the listening socket, so every accepted connection has it (where the
+    kernel knows the option: Linux >= 6.15)."""
+    import socket
+
+    from voice.server import TCP_RTO_MAX_MS, cap_retransmission_backoff
+
+    with socket.socket() as probe:
+        if not cap_retransmission_backoff(probe, 1000):
+            pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux < 6.15): the kernel default applies")
+    listener = gateway.server.servers[0].sockets[0]
+    assert listener.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) == 1000
+    with socket.socket() as plain:  # what the gateway relies on: the kernel copies it to accepted sockets
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        cap_retransmission_backoff(plain, 1000)
+        with socket.create_connection(plain.getsockname()) as client:
+            accepted, _ = plain.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) == 1000
+                assert client.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) != 1000
