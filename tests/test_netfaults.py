@@ -3,7 +3,8 @@
 The client sits in a network namespace this test creates, behind a shaped link (tests/netns.py: 2 % loss
 and 150 ms ± 50 ms each way, a 5 s blackout in the middle of an answer); the gateway is a real uvicorn
 server bound only to the link's root-side address, answering with the local engine at twice real time.
-The assertions are the protocol outcomes, never timings (figures: bench/netfaults.py, docs/RELIABILITY.md):
+The product's own voice-client.js runs in Chromium inside the namespace for the blackout too. The
+assertions are the protocol outcomes, never timings (figures: bench/netfaults.py, docs/RELIABILITY.md):
 the answer cut by the blackout completes on the same session (the connection survives it, or the client
 resumes the same session by itself), nothing of it is lost, and the next turn is answered with the whole
 conversation kept.
@@ -156,3 +157,56 @@ def test_client_connections_inherit_the_retransmission_cap(gateway) -> None:
             with accepted:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) == 1000
                 assert client.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) != 1000
+
+
+def test_the_real_voice_client_in_chromium_rides_out_a_blackout(farm_link, settings, live_db, token_for,
+                                                               tmp_path, monkeypatch) -> None:
+    """voice-client.js itself in Chromium inside the client namespace: a typed question, a 5 s blackout once
+    the answer plays; the same session plays the whole answer, and the client counts the silence it heard."""
+    from tests.test_browser import CHROMIUM, BrowserPage
+
+    if not CHROMIUM.exists():
+        pytest.skip("needs Chromium at /usr/bin/chromium (scripts/ensure-browser.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    settings.DEBUG = False
+    settings.VOICE_DEMO_ENABLED = True
+    settings.LOCAL_ENGINE_SPEED = 2.0
+    settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, farm_link.root_addr]
+    from voice.security import VoiceOriginValidator
+
+    checked = VoiceOriginValidator.valid_origin  # the app's validator read ALLOWED_HOSTS once, at import
+    monkeypatch.setattr(VoiceOriginValidator, "valid_origin",
+                        lambda self, origin: (origin is not None and origin.hostname == farm_link.root_addr)
+                        or checked(self, origin))
+    server = LiveServer(host=farm_link.root_addr).start()
+    wrapper = tmp_path / "chromium-in-netns"
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {farm_link.netns} {CHROMIUM} "$@"\n')
+    wrapper.chmod(0o755)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"]
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(wrapper), args=args, headless=True)
+            try:
+                page = BrowserPage(browser.new_context().new_page())
+                page.page.goto(f"{server.http_url}/voice/demo/?token={token_for(unique_user('netchrome'))}")
+                page.wait_js("document.getElementById('voice-demo').dataset.state === 'ready'", 30, "ready")
+                session_id = page.snapshot()["sessionId"]
+                farm_link.shape(**FARM_LINK)
+                page.page.fill("#text-input", QUESTIONS[0])
+                page.page.click("#text-form button[type=submit]")
+                page.wait_js("window.voiceDemo.snapshot().counters.audioMsPlayed > 500", 30, "answer playing")
+                farm_link.blackout(BLACKOUT_S)
+                page.wait_js("window.voiceDemo.events.includes('response.done')", 60, "answer complete")
+                page.wait_js("!window.voiceDemo.snapshot().playing", 30, "answer played out")
+                snap = page.snapshot()
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    counters = snap["counters"]
+    assert snap["sessionId"] == session_id and snap["state"] == "ready"
+    assert counters["underruns"] >= 1 and counters["underrunMs"] >= 3000, counters  # the blackout was heard
+    assert snap["bufferMs"] > 100  # and the jitter buffer grew for the rest of the session
+    assert counters["audioMsPlayed"] >= counters["audioMsReceived"] - 50, counters  # all of it played
