@@ -159,6 +159,7 @@ def test_client_connections_inherit_the_retransmission_cap(gateway) -> None:
                 assert client.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) != 1000
 
 
+@pytest.mark.browser
 def test_the_real_voice_client_in_chromium_rides_out_a_blackout(farm_link, settings, live_db, token_for,
                                                                tmp_path, monkeypatch) -> None:
     """voice-client.js itself in Chromium inside the client namespace: a typed question, a 5 s blackout once
