@@ -39,6 +39,7 @@ test: bootstrap
 	@scripts/ensure-browser.sh || echo "warning: Chromium unavailable; browser tests will be skipped"
 	@scripts/ensure-command.sh espeak-ng espeak-ng || echo "warning: espeak-ng unavailable; espeak tests will be skipped"
 	@scripts/ensure-nginx.sh || echo "warning: nginx unavailable; the nginx topology tests will be skipped"
+	@scripts/ensure-iproute2.sh || echo "warning: iproute2 unavailable; link-fault tests will be skipped"
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: bootstrap

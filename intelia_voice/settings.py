@@ -175,6 +175,13 @@ MAX_CONCURRENT_SESSIONS_PER_USER = env.int("MAX_CONCURRENT_SESSIONS_PER_USER", d
 SESSION_TTL = env.int("SESSION_TTL", default=3600)
 VOICE_TICKET_TTL = env.int("VOICE_TICKET_TTL", default=30)
 VOICE_DRAIN_GRACE_SECONDS = env.float("VOICE_DRAIN_GRACE_SECONDS", default=2.0)
+# WebSocket keepalive with the client: a ping every INTERVAL s, the link declared dead (session ended, slot
+# released) when its pong is TIMEOUT s late. Chosen with bench/netfaults.py (docs/RELIABILITY.md).
+VOICE_WS_PING_INTERVAL_SECONDS = env.float("VOICE_WS_PING_INTERVAL_SECONDS", default=10.0)
+VOICE_WS_PING_TIMEOUT_SECONDS = env.float("VOICE_WS_PING_TIMEOUT_SECONDS", default=10.0)
+# Cap on TCP's retransmission timeout for client connections (Linux >= 6.15, min 1000; 0: kernel default,
+# 120 s): audio held up by a link blackout is resent within this long of the link's return.
+VOICE_TCP_RTO_MAX_MS = env.int("VOICE_TCP_RTO_MAX_MS", default=1000)
 # Seconds between returns of free heap pages to the OS (glibc malloc_trim; 0: never). See voice/server.py.
 VOICE_MALLOC_TRIM_SECONDS = env.float("VOICE_MALLOC_TRIM_SECONDS", default=60.0)
 

@@ -12,6 +12,7 @@ import time
 import wave
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -25,7 +26,8 @@ FRAME_BYTES = 1920  # 40 ms of 24 kHz pcm16
 class LiveServer:
     """One gateway instance on an ephemeral (or given) port, with its own event loop thread."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.host = host  # another local address (e.g. a test namespace's link end) binds only there
         self.requested_port = port
         self.port = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -35,18 +37,18 @@ class LiveServer:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws/voice"
+        return f"ws://{self.host}:{self.port}/v1/ws/voice"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> LiveServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.requested_port))
+        sock.bind((self.host, self.requested_port))
         self.port = sock.getsockname()[1]
-        config = server_config(host="127.0.0.1", port=self.port, access_log=True, loop="asyncio")
+        config = server_config(host=self.host, port=self.port, access_log=True, loop="asyncio")
         self.server = VoiceServer(config)
         self._started.clear()
 
@@ -111,7 +113,9 @@ class VoiceClient:
 
     @classmethod
     async def open(cls, url: str, *, token: str | None = None, query: str = "",
-                   subprotocols: list[str] | None = None, origin: str | None = None) -> VoiceClient:
+                   subprotocols: list[str] | None = None, origin: str | None = None,
+                   sock: socket.socket | None = None) -> VoiceClient:
+        """Connect (over `sock` when given: an unconnected socket, e.g. one made in a test namespace)."""
         params = []
         if token:
             params.append(f"token={token}")
@@ -119,9 +123,14 @@ class VoiceClient:
             params.append(query)
         full = url + ("?" + "&".join(params) if params else "")
         headers = {"Origin": origin} if origin else None
+        extra: dict[str, Any] = {}
+        if sock is not None:
+            target = urlsplit(url)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (target.hostname, target.port)), 10)
+            extra["sock"] = sock
         try:
             ws = await connect(full, subprotocols=subprotocols, additional_headers=headers, max_size=None,
-                               open_timeout=10, proxy=None)
+                               open_timeout=10, proxy=None, **extra)
         except websockets.InvalidStatus as exc:  # a refused handshake is a response too: secret-scanned
             secret_scan.record_refused_handshake(exc.response)
             raise

@@ -77,6 +77,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._fastpath: dict[str, Any] | None = scope.get("extensions", {}).get(FASTPATH_EXTENSION)
         self._ended = False
         self._finished = False
+        self._superseded = False
+        self._persisted = asyncio.Event()  # set once the session state (history) is saved at the end
         # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
         self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
         self._frame_rate: float = settings.VOICE_MAX_FRAMES_PER_SECOND
@@ -142,6 +144,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
                 session_id, user_id = owner
                 if user_id != self.identity.user_id:
                     return None, False
+                previous = registry.live_session(session_id)
+                if previous is not None:  # its link died unnoticed (the client moved on): take over from it
+                    await previous.supersede()
                 meta = await session_services.session_meta_load(session_id)
                 if meta is not None and meta.user_id == self.identity.user_id and meta.remaining_s > 1:
                     return meta, True
@@ -338,6 +343,16 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             await self.base_send({"type": "websocket.close", "code": code, "reason": message[:120]})
         await self._finish(reason, code, error)
 
+    async def supersede(self) -> None:
+        """Called when the same session resumes on a new connection while this one still looks live (a
+        network drop the server has not noticed yet): keep the unfinished turn, close, persist the history
+        before the new connection loads it, and leave the slot to the new connection."""
+        self._superseded = True
+        await self._end("client_closed", None, "", close_code=1001)
+        # It may already have been ending (its link's reset arrived first): wait until its history is saved.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._persisted.wait(), 5)
+
     def _used_seconds(self) -> float:
         return self.meta.used_s + (time.monotonic() - self.connected_at)
 
@@ -357,21 +372,24 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if listener is not None and listener is not asyncio.current_task():
             listener.cancel()
         await session.close()
-        registry.unregister(self)
         if getattr(self, "_counted_active", False):
             metrics.ACTIVE_SESSIONS.dec()
         connected = time.monotonic() - self.connected_at
         meta = self.meta
         meta.used_s += connected
+        session.keep_unfinished_turn()  # an answer cut by the end of the link: its question stays in the history
         meta.history, meta.turns = session.history, session.turn_offset + session.stats.turn_count
         state = get_state()
         with contextlib.suppress(Exception):
-            if reason != "draining":
+            if reason != "draining" and not self._superseded:
                 # A drained client resumes elsewhere at once under the same session id: releasing here
                 # could delete the slot the new instance just took. Unrefreshed slots expire in 30 s.
                 await state.slot_release(concurrency_key(self.identity.user_id), self.session_id)
                 await state.slot_release(ACTIVE_SESSIONS_KEY, self.session_id)
             await session_services.session_meta_save(meta)
+        # Registered until its state is saved: a resume arriving meanwhile finds it and waits (supersede).
+        registry.unregister(self)
+        self._persisted.set()
         record = session_services.session_end_record(
             meta=meta, stats=session.stats, user_pk=self.admission.user.pk,
             upstream=session.upstream_kind or upstream_kind(), instance=self.instance,

@@ -46,6 +46,11 @@ def live_sessions() -> list[Any]:
     return list(_live.get(asyncio.get_running_loop(), ()))
 
 
+def live_session(session_id: str) -> Any | None:
+    """The live consumer of `session_id` on this event loop, if any (a resume checks for it)."""
+    return next((c for c in live_sessions() if getattr(c, "session_id", None) == session_id), None)
+
+
 def sessions_admitted() -> int:
     """How many sessions this process has admitted since it started."""
     return _admitted

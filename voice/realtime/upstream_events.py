@@ -261,6 +261,14 @@ class UpstreamEventHandlers:
             turn.first_audio_ms = (time.monotonic() - turn.speech_end_mono) * 1000
             metrics.FIRST_AUDIO.observe(turn.first_audio_ms / 1000)
 
+    def keep_unfinished_turn(self) -> None:
+        """Called when the connection ends mid-answer (link lost, superseded by a resume, closed): the question
+        (and the answer's transcript, when it was complete) joins the history, so a resume still has it."""
+        turn = self.answering
+        if turn is not None and (turn.user_text or turn.assistant_text):
+            history_append(self.history, {"user": turn.user_text, "assistant": turn.assistant_text})
+            turn.user_text = turn.assistant_text = ""
+
     async def _on_assistant_transcript_done(self, event: dict[str, Any]) -> None:
         if self.answering is not None:
             self.answering.assistant_text = str(event.get("transcript") or "")

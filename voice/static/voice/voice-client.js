@@ -22,7 +22,8 @@ export const FRAME_SAMPLES = 960; // 40 ms
 const TRAILING_SILENCE_FRAMES = 20; // 800 ms: more than the server VAD's silence_duration_ms (500)
 
 /** Close codes after which the client resumes the same session by itself. */
-export const RESUMABLE_CLOSE_CODES = new Set([4012, 1012, 1006, 1001]);
+// 1011: uvicorn's keepalive ping timeout (the server gave up on a link that went quiet; the session lives on).
+export const RESUMABLE_CLOSE_CODES = new Set([4012, 1012, 1011, 1006, 1001]);
 /** Close codes that are a decision about this user: never retried automatically. */
 export const POLICY_CLOSE_CODES = new Set([4401, 4403, 4402, 4409, 4429, 4503, 4408, 4010, 4008, 1009]);
 
@@ -140,9 +141,13 @@ export class VoiceClient {
    * @param {string} [options.workletUrl] URL of pcm-worklet.js (default: next to this module)
    * @param {string} [options.ticketUrl] ticket endpoint (default: `<http origin>/v1/voice/ticket`)
    * @param {number} [options.initialBufferMs=100] playback buffering before the first sample plays
-   * @param {number} [options.maxResumeAttempts=5]
+   * @param {number} [options.maxBufferMs=800] adaptive jitter buffer: each underrun (the answer's audio ran
+   *   dry mid-answer) doubles the buffering before playback goes on, up to this, for the rest of the session
+   *   (on a 2 % loss, 300 ms RTT link a fixed 100 ms left 3-4 silences per answer: docs/RELIABILITY.md)
+   * @param {number} [options.maxResumeAttempts=15]
    * @param {number} [options.resumeBaseDelayMs=400] backoff base: 1st retry within 250 ms, then 800 ms,
-   *   1.6 s, 3.2 s, 6.4 s (±25 % jitter, capped by resumeMaxDelayMs)
+   *   1.6 s, then every 2 s (±25 % jitter, capped by resumeMaxDelayMs): ~30 s of outage are covered and a
+   *   link that comes back is used within ~2 s
    * @param {object} [options.audioConstraints] getUserMedia audio constraints
    */
   constructor(options = {}) {
@@ -151,9 +156,10 @@ export class VoiceClient {
       workletUrl: options.workletUrl || new URL("./pcm-worklet.js", import.meta.url).href,
       ticketUrl: options.ticketUrl || null,
       initialBufferMs: options.initialBufferMs ?? 100,
-      maxResumeAttempts: options.maxResumeAttempts ?? 5,
+      maxBufferMs: options.maxBufferMs ?? 800,
+      maxResumeAttempts: options.maxResumeAttempts ?? 15,
       resumeBaseDelayMs: options.resumeBaseDelayMs ?? 400,
-      resumeMaxDelayMs: options.resumeMaxDelayMs ?? 8000,
+      resumeMaxDelayMs: options.resumeMaxDelayMs ?? 2000,
       audioConstraints: options.audioConstraints || {
         channelCount: 1,
         echoCancellation: true,
@@ -176,6 +182,8 @@ export class VoiceClient {
       audioMsPlayed: 0,
       reconnects: 0,
       bargeIns: 0,
+      underruns: 0, // an answer's audio ran dry mid-answer (a silence the user heard)
+      underrunMs: 0, // how long those silences lasted
     };
     this.level = 0; // microphone RMS 0..1 (last 40 ms frame)
     this.micActive = false;
@@ -191,6 +199,8 @@ export class VoiceClient {
     this._items = new Map(); // item_id -> {receivedMs, playedMs (finalised), segments: [], cancelled}
     this._pending = []; // chunks waiting for the initial buffer: {itemId, samples}
     this._pendingMs = 0;
+    this._bufferMs = this.options.initialBufferMs; // grows after underruns (adaptive jitter buffer)
+    this._underrunAt = null; // playhead where the audio ran dry, until playback goes on
     this._playhead = 0; // AudioContext time where the next chunk starts
     this._sources = new Set();
     this._currentItem = null;
@@ -247,6 +257,7 @@ export class VoiceClient {
       return Promise.reject(new Error(`unknown auth mode ${auth}`));
     }
     this._auth = { url: url || this.options.url || defaultWsUrl(), token, auth };
+    this._bufferMs = this.options.initialBufferMs; // a new session starts with a fresh estimate of the link
     this._intentionalClose = false;
     this._resumeAttempts = 0;
     this.refusal = null;
@@ -414,7 +425,7 @@ export class VoiceClient {
       const attempt = this._resumeAttempts;
       // A draining server asks every client to move at once: the first retry is only jittered (so a
       // restart does not land all of them on the other instances in the same millisecond); later retries
-      // back off exponentially (400 ms, 800 ms, 1.6 s, 3.2 s by default, capped).
+      // back off exponentially (800 ms, 1.6 s, then every 2 s by default: resumeMaxDelayMs).
       const backoff = Math.min(this.options.resumeMaxDelayMs, this.options.resumeBaseDelayMs * 2 ** (attempt - 1));
       const delay = Math.round(attempt === 1 ? Math.random() * 250 : backoff * (0.75 + Math.random() * 0.5));
       this._setState("reconnecting");
@@ -677,15 +688,25 @@ export class VoiceClient {
       this._schedule(event.item_id, samples);
       return;
     }
+    if (!this._pending.length && this._currentItem === event.item_id && item.segments.length && this._ctx) {
+      // This answer was playing and its audio ran dry: the link is worse than the buffer assumed.
+      this.counters.underruns += 1;
+      this._underrunAt = this._playhead;
+      this._bufferMs = Math.min(this.options.maxBufferMs, this._bufferMs * 2);
+    }
     this._pending.push({ itemId: event.item_id, samples });
     this._pendingMs += ms;
-    if (this._pendingMs >= this.options.initialBufferMs) this._flushPending();
+    if (this._pendingMs >= this._bufferMs) this._flushPending();
   }
 
   _flushPending() {
     if (!this._pending.length || !this._ctx) return;
     const ctx = this._ctx;
     this._playhead = Math.max(this._playhead, ctx.currentTime + 0.02);
+    if (this._underrunAt != null) {
+      this.counters.underrunMs += Math.max(0, this._playhead - this._underrunAt) * 1000;
+      this._underrunAt = null;
+    }
     const pending = this._pending;
     this._pending = [];
     this._pendingMs = 0;
@@ -767,6 +788,7 @@ export class VoiceClient {
     this._sources.clear();
     this._pending = [];
     this._pendingMs = 0;
+    this._underrunAt = null;
     if (this._ctx) this._playhead = this._ctx.currentTime;
   }
 
@@ -862,7 +884,9 @@ export class VoiceClient {
       micActive: this.micActive,
       level: this.level,
       playing: this.isPlaying,
-      counters: { ...this.counters, audioMsPlayed: Math.round(this._audioMsPlayedLive()) },
+      counters: { ...this.counters, audioMsPlayed: Math.round(this._audioMsPlayedLive()),
+        underrunMs: Math.round(this.counters.underrunMs) },
+      bufferMs: this._bufferMs,
       refusal: this.refusal,
     };
   }
