@@ -43,12 +43,10 @@ from voice.services.access import (
     Refusal,
     access_count_session_start,
     access_decide,
-    concurrency_key,
+    slot_release_begin,
 )
 from voice.services.auth import AuthError, Identity, identity_from_jwt, ticket_redeem
 from voice.services.db import run_db_write
-from voice.services.state import get_state
-from voice.services.stats import ACTIVE_SESSIONS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +73,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._fastpath: dict[str, Any] | None = scope.get("extensions", {}).get(FASTPATH_EXTENSION)
         self._ended = False
         self._finished = False
+        self._slots_released: asyncio.Task[None] | None = None
         # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
         self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
         self._frame_rate: float = settings.VOICE_MAX_FRAMES_PER_SECOND
@@ -326,12 +325,23 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if self._ended:
             return
         code = close_code or CLOSE_CODES.get(reason, 4500)
+        self._give_back_slots(reason)  # before the client can see the close and redial
         if error_code:
             await self._send_event({"type": "gateway.error", "code": error_code, "message": message})
         self._stop_fast_path()
         with contextlib.suppress(Exception):
             await self.base_send({"type": "websocket.close", "code": code, "reason": message[:120]})
         await self._finish(reason, code, error)
+
+    def _give_back_slots(self, reason: str) -> None:
+        """Called synchronously as an admitted connection starts ending: its slots go back now, before the
+        close handshake and anything slow (upstream close, rows), so a redial is never refused."""
+        if self._slots_released is not None or self.session is None or reason == "draining":
+            # A drained client resumes elsewhere at once under the same session id: releasing here could
+            # delete the slot the new instance just took. Unrefreshed slots expire in 30 s.
+            return
+        self._slots_released = slot_release_begin(external_user_id=self.identity.user_id,
+                                                  session_id=self.session_id)
 
     def _used_seconds(self) -> float:
         return self.meta.used_s + (time.monotonic() - self.connected_at)
@@ -346,6 +356,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if self._finished or self.session is None:
             return
         self._finished = True
+        self._give_back_slots(reason)
         self._stop_fast_path()
         session = self.session
         listener = getattr(self, "_control_listener", None)
@@ -359,13 +370,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         meta = self.meta
         meta.used_s += connected
         meta.history, meta.turns = session.history, session.turn_offset + session.stats.turn_count
-        state = get_state()
+        if self._slots_released is not None:
+            await self._slots_released
         with contextlib.suppress(Exception):
-            if reason != "draining":
-                # A drained client resumes elsewhere at once under the same session id: releasing here
-                # could delete the slot the new instance just took. Unrefreshed slots expire in 30 s.
-                await state.slot_release(concurrency_key(self.identity.user_id), self.session_id)
-                await state.slot_release(ACTIVE_SESSIONS_KEY, self.session_id)
             await session_services.session_meta_save(meta)
         record = session_services.session_end_record(
             meta=meta, stats=session.stats, user_pk=self.admission.user.pk,
