@@ -2,7 +2,8 @@
 
 A mixin of VoiceConsumer (voice/consumers.py), split out to keep each module about one thing: the consumer
 adapts the socket (connect, frames, ending); this one watches a live session (kill switch, duration,
-upstream stall, slot refresh) and answers the channel layer's control messages (terminate, drain).
+upstream stall, slot refresh) and answers the control messages (terminate, drain) that the process's control
+channel hands it (voice/realtime/control.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 from django.conf import settings
 
+from voice.realtime.control import control_channel
 from voice.services import sessions as session_services
 from voice.services.access import concurrency_key
-from voice.services.rollout import BROADCAST_GROUP, rollout_cache_clear, rollout_snapshot
+from voice.services.rollout import rollout_cache_clear, rollout_snapshot
 from voice.services.state import get_state
 from voice.services.stats import ACTIVE_SESSIONS_KEY
 
@@ -64,31 +66,14 @@ class SessionSupervision:
         ttl = SLOT_REFRESH_SECONDS * 3
         await state.slot_refresh(concurrency_key(self.identity.user_id), self.session_id, ttl=ttl)
         await state.slot_refresh(ACTIVE_SESSIONS_KEY, self.session_id, ttl=ttl)
-        if self.channel_layer is not None and not getattr(self, "_joined", False):
-            try:
-                await asyncio.wait_for(self.channel_layer.group_add(BROADCAST_GROUP, self.channel_name), 1)
-                await asyncio.wait_for(
-                    self.channel_layer.group_add(f"voice.session.{self.session_id}", self.channel_name), 1
-                )
-                self._joined = True
-                self._control_listener = asyncio.get_running_loop().create_task(self._listen_control())
-            except Exception:  # noqa: BLE001 - the layer's Redis is down: the kill switch is also polled
-                logger.warning("channel layer unavailable; control messages paused until it returns")
-
-    async def _listen_control(self) -> None:
-        """Receive channel-layer messages (kill switch, terminate) without ever dying on a Redis outage."""
-        while not self._ended:
-            try:
-                message = await self.channel_layer.receive(self.channel_name)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                self._joined = False  # re-join when Redis is back (next presence refresh)
-                return
-            await self.dispatch(message)
+        if self.channel_layer is not None:
+            control = control_channel(self.channel_layer)
+            if self._control_joined is None or self._control_joined != control.generation:
+                self._control_joined = await control.join(self.session_id)
 
     async def session_terminate(self, message: dict[str, Any]) -> None:
-        """Called by the channel layer: the kill switch was engaged, or an operator ended this session."""
+        """Called by the process's control channel: the kill switch was engaged, or an operator ended this
+        session."""
         if message.get("code") == "feature_disabled":
             # The row changed before this broadcast, maybe on another instance: this process's cached
             # rollout (up to 1 s old) would still admit the next connection.

@@ -67,8 +67,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self.scope = scope
         self.base_send = send
         self.channel_layer = get_channel_layer()
-        self.channel_name = await self.channel_layer.new_channel() if self.channel_layer else None
         self._control: asyncio.Task[None] | None = None
+        self._control_joined: int | None = None  # the control channel's generation this session joined
         # The voice server's synchronous frame path (voice/server_ws.py); absent under daphne/runserver.
         self._fastpath: dict[str, Any] | None = scope.get("extensions", {}).get(FASTPATH_EXTENSION)
         self._ended = False
@@ -86,7 +86,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         finally:
             if self._control is not None:
                 self._control.cancel()
+                self._control = None  # its cancellation's traceback refers to this consumer: no cycle
             await self._finish("client_closed", None)
+            self._fastpath = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Called per ASGI/channel-layer message. Unlike Channels' own dispatch, it does not hop to the
@@ -359,9 +361,6 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._give_back_slots(reason)
         self._stop_fast_path()
         session = self.session
-        listener = getattr(self, "_control_listener", None)
-        if listener is not None and listener is not asyncio.current_task():
-            listener.cancel()
         await session.close()
         registry.unregister(self)
         if getattr(self, "_counted_active", False):
@@ -393,6 +392,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             session.stats.cost_usd,
         )
         clear_session()
+        self.session = None  # the session refers back to this consumer (its listener): no cycle left
 
 
 def _never(payload: bytes) -> bool:

@@ -129,7 +129,9 @@ class GatewaySession(UpstreamEventHandlers):
             await self.early.close()
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
+        self._reader = None  # the cancelled reader's traceback refers to this session: no cycle through it
         if self.upstream is not None:
+            self.upstream.set_text_handler(None)  # a bound method of this session: a cycle through the upstream
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.upstream.close(), 2)
 
@@ -340,6 +342,7 @@ class GatewaySession(UpstreamEventHandlers):
         self._idle.set()
         self.context_items = []
         if old is not None:
+            old.set_text_handler(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(old.close(), 2)
 
