@@ -134,3 +134,43 @@ async def test_ended_sessions_are_freed_without_the_cyclic_collector(live_db, to
             gc.enable()
     finally:
         server.stop()
+
+
+async def test_turn_rows_reach_the_writer_without_the_loop_waiting(monkeypatch) -> None:
+    """Per turn the loop only queues the rows (no task, no executor future): with the writer thread stuck,
+    every put returns at once; the queued turns of several sessions are written by at most two drains and
+    marked saved on the loop afterwards."""
+    import asyncio
+    import threading
+
+    from voice.realtime.accounting import SessionStats, TurnStats
+    from voice.services import sessions
+
+    gate = threading.Event()
+    written: list[str] = []
+    submits: list[object] = []
+    real_submit = sessions.submit_write
+
+    def stuck_save(*, session_id: str, rows: list) -> bool:
+        gate.wait(10)
+        written.append(session_id)
+        return True
+
+    monkeypatch.setattr(sessions, "voice_turns_save", stuck_save)
+    monkeypatch.setattr(sessions, "submit_write", lambda fn, *a: submits.append(fn) or real_submit(fn, *a))
+    tasks_before = len(asyncio.all_tasks())
+    stats = []
+    for i in range(3):
+        session_stats = SessionStats()
+        session_stats.turn_changed(TurnStats(index=0))
+        stats.append(session_stats)
+        sessions.turn_rows_put(session_id=f"s{i}", stats=session_stats)
+    assert written == [] and len(asyncio.all_tasks()) == tasks_before  # queued, nothing awaited or spawned
+    gate.set()
+    for _ in range(200):
+        if not any(s.unsaved_turns for s in stats):
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(written) == ["s0", "s1", "s2"]
+    assert not any(s.unsaved_turns for s in stats)
+    assert 1 <= len(submits) <= 2

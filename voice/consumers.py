@@ -74,6 +74,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._ended = False
         self._finished = False
         self._slots_released: asyncio.Task[None] | None = None
+        self._meta_saving = self._meta_dirty = False
         # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
         self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
         self._frame_rate: float = settings.VOICE_MAX_FRAMES_PER_SECOND
@@ -220,13 +221,29 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         await self._end(reason, error_code, message, error=error_code)
 
     async def turn_completed(self, turn: TurnStats) -> None:
-        """Called by the GatewaySession after each response: write the turn, keep the resume state current."""
-        self.session.spawn(session_services.turns_save(session_id=self.session_id, stats=self.session.stats))
+        """Called by the GatewaySession (in its reader) after each response: write the turn and keep the
+        resume state current, both in the background: the reader waits on no thread, pool or lock."""
+        session_services.turn_rows_put(session_id=self.session_id, stats=self.session.stats)
         self.meta.turns = turn.index + 1
         self.meta.history = self.session.history if self.session else []
         self.meta.used_s = self._used_seconds()
-        with contextlib.suppress(Exception):
-            await session_services.session_meta_save(self.meta)
+        if self._meta_saving:
+            self._meta_dirty = True  # the save in flight is followed by one more with the latest state
+        else:
+            self._meta_saving = True
+            self.session.spawn(self._save_meta())
+
+    async def _save_meta(self) -> None:
+        """The resume state to Redis, again while turns completed during the previous save."""
+        try:
+            while True:
+                self._meta_dirty = False
+                with contextlib.suppress(Exception):
+                    await session_services.session_meta_save(self.meta)
+                if not self._meta_dirty:
+                    return
+        finally:
+            self._meta_saving = False
 
     # --- frames --------------------------------------------------------------------------------------
     async def websocket_receive(self, message: dict[str, Any]) -> None:

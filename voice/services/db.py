@@ -54,6 +54,12 @@ async def run_db_write(fn: Callable[..., T], *args: object, **kwargs: object) ->
     return await loop.run_in_executor(_writer, functools.partial(_call, fn, *args, **kwargs))
 
 
+def submit_write(fn: Callable[..., object], *args: object) -> None:
+    """Queue a write on the writer thread without waiting for it (called from the event loop per turn): no
+    future, no task; `fn` reports back itself (loop.call_soon_threadsafe) if it has to."""
+    _writer.submit(_call, fn, *args)
+
+
 def close_db_thread_connections() -> None:
     """Close the database threads' connections (tests before dropping the database; shutdown)."""
     _executor.submit(connections.close_all).result(10)

@@ -10,11 +10,15 @@ and the session's turn count is recounted from them, so a turn written twice is 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import queue
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,7 +33,7 @@ from django.db.models.functions import Coalesce
 
 from voice.models import VoiceSession, VoiceTurn
 from voice.realtime.accounting import SessionStats
-from voice.services.db import run_db_write
+from voice.services.db import submit_write
 from voice.services.state import get_state
 
 logger = logging.getLogger(__name__)
@@ -156,11 +160,69 @@ def session_end_record(
     }
 
 
-async def turns_save(*, session_id: str, stats: SessionStats) -> None:
-    """Called (as a session task) after each answered turn: write the turns whose latest state has no row."""
-    written = [(turn, turn.row()) for turn in stats.unsaved_turns]
-    if written and await run_db_write(voice_turns_save, session_id=session_id, rows=[row for _, row in written]):
-        stats.turns_saved(written)
+class TurnRowQueue:
+    """Turn rows handed from the event loop to the writer thread without waiting (one per event loop).
+
+    Per turn, the loop only snapshots the rows and puts them on a SimpleQueue (never blocks): no task, no
+    executor future, no await. One drain job at a time runs on the writer thread and takes every queued
+    turn (of every session) in one go; its result comes back in one loop callback per batch, which marks the
+    rows saved and schedules the next drain if more turns arrived meanwhile.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # the queue lives in a WeakKeyDictionary keyed by this loop
+        self._queue: queue.SimpleQueue[tuple[str, SessionStats, list[tuple[Any, dict[str, Any]]]]] = (
+            queue.SimpleQueue())
+        self._draining = False  # a drain job is queued or running (read and written on the loop only)
+
+    def put(self, session_id: str, stats: SessionStats) -> None:
+        """Called on the loop after each answered turn: the turns whose latest state has no row yet."""
+        written = [(turn, turn.row()) for turn in stats.unsaved_turns]
+        if not written:
+            return
+        self._queue.put((session_id, stats, written))
+        if not self._draining:
+            self._draining = True
+            submit_write(self._drain)
+
+    def _drain(self) -> None:
+        """On the writer thread: write every queued turn, then report back to the loop once."""
+        saved: list[tuple[SessionStats, list[tuple[Any, dict[str, Any]]]]] = []
+        try:
+            while True:
+                try:
+                    session_id, stats, written = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if voice_turns_save(session_id=session_id, rows=[row for _, row in written]):
+                    saved.append((stats, written))
+        finally:
+            loop = self._loop()
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to tell
+                    loop.call_soon_threadsafe(self._drained, saved)
+
+    def _drained(self, saved: list[tuple[SessionStats, list[tuple[Any, dict[str, Any]]]]]) -> None:
+        """On the loop, once per drain: rows written; drain again if turns came in after the last take."""
+        for stats, written in saved:
+            stats.turns_saved(written)
+        self._draining = False
+        if not self._queue.empty():
+            self._draining = True
+            submit_write(self._drain)
+
+
+_turn_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnRowQueue] = weakref.WeakKeyDictionary()
+
+
+def turn_rows_put(*, session_id: str, stats: SessionStats) -> None:
+    """Called on the event loop after each answered turn: its row is written in the background, never
+    awaited (voice_turns_save on the writer thread; the end record carries what is not written yet)."""
+    loop = asyncio.get_running_loop()
+    turn_queue = _turn_queues.get(loop)
+    if turn_queue is None:
+        turn_queue = _turn_queues[loop] = TurnRowQueue(loop)
+    turn_queue.put(session_id, stats)
 
 
 def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
