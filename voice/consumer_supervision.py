@@ -34,7 +34,7 @@ class SessionSupervision:
         """Every second: kill switch, duration limit, upstream stall; slots refreshed every 10 s."""
         state = get_state()
         state.add_resync_hook(self._publish_presence)
-        await self._publish_presence()
+        await self._publish_presence(just_admitted=True)
         ticks = 0
         try:
             while not self._ended:
@@ -60,11 +60,12 @@ class SessionSupervision:
         finally:
             state.remove_resync_hook(self._publish_presence)
 
-    async def _publish_presence(self) -> None:
+    async def _publish_presence(self, *, just_admitted: bool = False) -> None:
         """Keep (or, after a Redis outage, re-publish) this session's slots and groups."""
         state = get_state()
         ttl = SLOT_REFRESH_SECONDS * 3
-        await state.slot_refresh(concurrency_key(self.identity.user_id), self.session_id, ttl=ttl)
+        if not just_admitted:  # the admission itself took the concurrency slot, with this time to live
+            await state.slot_refresh(concurrency_key(self.identity.user_id), self.session_id, ttl=ttl)
         await state.slot_refresh(ACTIVE_SESSIONS_KEY, self.session_id, ttl=ttl)
         if self.channel_layer is not None:
             control = control_channel(self.channel_layer)

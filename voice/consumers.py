@@ -199,7 +199,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         await session_services.session_meta_save(meta)
         await run_db_write(session_services.voice_session_start,
             meta=meta, user_pk=self.admission.user.pk, upstream=self.session.upstream_kind,
-            instance=self.instance,
+            instance=self.instance, resumed=self.resumed,
         )
         if not self.resumed:
             await access_count_session_start(identity=self.identity, plan=self.admission.plan)

@@ -27,7 +27,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core import signing
-from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
+from django.db import DatabaseError, DataError, IntegrityError, transaction
 from django.db.models import Count, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 
@@ -98,12 +98,15 @@ async def session_meta_load(session_id: str) -> SessionMeta | None:
 # --- metrics rows --------------------------------------------------------------------------------------
 
 
-def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str, instance: str) -> None:
-    """Create the session's row when it starts, or count one more connection on resume (sync; ORM)."""
-    close_old_connections()
+def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str, instance: str,
+                        resumed: bool = True) -> None:
+    """Create the session's row when it starts, or count one more connection on resume (sync; ORM). On the
+    writer thread, which keeps its connection (a connect per session start and end was most of these writes'
+    cost; a connection the database dropped is replaced by voice.services.db)."""
     try:
-        created = VoiceSession.objects.filter(pk=meta.session_id).update(connections=F("connections") + 1)
-        if not created:
+        # A new session's id is new: no row to count a connection on (one query less per admission).
+        counted = resumed and VoiceSession.objects.filter(pk=meta.session_id).update(connections=F("connections") + 1)
+        if not counted:
             VoiceSession.objects.create(
                 id=meta.session_id,
                 **_row_defaults(user_pk=user_pk, user_id=meta.user_id, plan=meta.plan, cohort=meta.cohort,
@@ -111,8 +114,6 @@ def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str
             )
     except DatabaseError:
         logger.exception("could not create the session row; it will be created at the end")
-    finally:
-        close_old_connections()
 
 
 def _row_defaults(*, user_pk: int | None, user_id: str, plan: str, cohort: str, upstream: str, instance: str,
@@ -126,21 +127,18 @@ def _row_defaults(*, user_pk: int | None, user_id: str, plan: str, cohort: str, 
 
 
 def voice_session_end(record: dict[str, Any]) -> None:
-    """Add one connection's counters and turns to the session row; spool when the DB fails (sync)."""
-    close_old_connections()
+    """Add one connection's counters and turns to the session row; spool when the DB fails (sync; on the
+    writer thread, which keeps its connection)."""
     try:
-        try:
-            _write_record(record)
-        except DatabaseError:
-            logger.exception("database unavailable at session end; metrics spooled")
-            spool_record(record)
-            return
-        try:
-            flush_spool()  # the database answers again: replay what an outage left behind
-        except DatabaseError:
-            logger.warning("spooled session records not replayed yet (database error)")
-    finally:
-        close_old_connections()
+        _write_record(record)
+    except DatabaseError:
+        logger.exception("database unavailable at session end; metrics spooled")
+        spool_record(record)
+        return
+    try:
+        flush_spool()  # the database answers again: replay what an outage left behind
+    except DatabaseError:
+        logger.warning("spooled session records not replayed yet (database error)")
 
 
 def session_end_record(
@@ -269,22 +267,23 @@ def _write_record(record: dict[str, Any]) -> None:
     }
     counters.update({name: F(name) + value for name, value in record["tokens"].items()})
     counters["cost_usd"] = F("cost_usd") + Decimal(str(round(record["cost_usd"], 6)))
+    pk = record["id"]
     with transaction.atomic():
-        session, _ = VoiceSession.objects.get_or_create(
-            id=record["id"],
-            defaults=_row_defaults(
+        # The row usually exists (created at the start): add to it first, create it only when that found none.
+        if not VoiceSession.objects.filter(pk=pk).update(**counters):
+            VoiceSession.objects.get_or_create(id=pk, defaults=_row_defaults(
                 user_pk=record["user_pk"], user_id=record["user_id"], plan=record["plan"], cohort=record["cohort"],
                 upstream=record["upstream"], instance=record["instance"], started_at=record["started_at"],
-            ),
-        )
+            ))
+            VoiceSession.objects.filter(pk=pk).update(**counters)
         ended_at = datetime.fromtimestamp(record["ended_at"], tz=UTC)
-        VoiceSession.objects.filter(pk=session.pk).update(**counters)
         # The outcome is the latest connection's (a drained connection's record may land after the resume's).
-        VoiceSession.objects.filter(Q(ended_at__isnull=True) | Q(ended_at__lte=ended_at), pk=session.pk).update(
+        VoiceSession.objects.filter(Q(ended_at__isnull=True) | Q(ended_at__lte=ended_at), pk=pk).update(
             ended_at=ended_at, end_reason=record["end_reason"], close_code=record["close_code"],
             error=record["error"],
         )
-        _upsert_turns(session.pk, record["turns"])
+        if record["turns"]:  # rows written during the session were recounted then
+            _upsert_turns(pk, record["turns"])
 
 
 def spool_record(record: dict[str, Any]) -> Path:

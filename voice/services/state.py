@@ -242,8 +242,10 @@ class SharedState:
         key, expiry = KEY_PREFIX + key, time.time() + ttl
 
         async def on_redis(r: aioredis.Redis) -> None:
-            await r.zadd(key, {member: expiry})
-            await r.expire(key, int(ttl) + 1)
+            async with r.pipeline(transaction=False) as pipe:  # one round trip
+                pipe.zadd(key, {member: expiry})
+                pipe.expire(key, int(ttl) + 1)
+                await pipe.execute()
 
         await self._run(on_redis, lambda m: m.zset(key).__setitem__(member, expiry))
 
