@@ -174,3 +174,32 @@ async def test_turn_rows_reach_the_writer_without_the_loop_waiting(monkeypatch) 
     assert sorted(written) == ["s0", "s1", "s2"]
     assert not any(s.unsaved_turns for s in stats)
     assert 1 <= len(submits) <= 2
+
+
+async def test_the_admission_gate_is_given_back_on_every_path(gateway, token_for, settings) -> None:
+    """One admission at a time: refused, failed and abandoned connections all let the next one in, and the
+    gate holds nothing once they are over."""
+    import asyncio
+
+    from voice.realtime.admission import admission_gate
+
+    settings.VOICE_ADMISSION_CONCURRENCY = 1
+    settings.MAX_SESSIONS_PER_USER_PER_HOUR = 1000
+    refused = await VoiceClient.open(gateway.ws_url, token="not-a-jwt")
+    assert (await refused.wait_for("gateway.error"))["code"] == "unauthorized"
+    plan_refused = await VoiceClient.open(gateway.ws_url, token=token_for(plan="essential"))
+    assert (await plan_refused.wait_for("gateway.error"))["code"] == "plan_not_allowed"
+    abandoned = await VoiceClient.open(gateway.ws_url, token=token_for())
+    abandoned.ws.transport.abort()  # gone before its session is ready
+    clients = await asyncio.gather(*(VoiceClient.open(gateway.ws_url, token=token_for()) for _ in range(4)))
+    for client in clients:  # admitted one after another
+        await client.wait_for("gateway.session.ready", timeout=30)
+    for client in clients:
+        await client.close()
+    await asyncio.sleep(0.5)
+    gate = gateway.call(_gate_value(admission_gate))
+    assert gate == 1
+
+
+async def _gate_value(admission_gate) -> int:
+    return admission_gate()._value

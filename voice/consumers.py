@@ -26,6 +26,7 @@ from voice.consumer_supervision import SessionSupervision
 from voice.observability.logs import bind_session, clear_session
 from voice.realtime import registry
 from voice.realtime.accounting import TurnStats
+from voice.realtime.admission import admission_gate
 from voice.realtime.client_events import (
     ClientEventError,
     dump_event,
@@ -74,6 +75,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._ended = False
         self._finished = False
         self._slots_released: asyncio.Task[None] | None = None
+        self._gate: asyncio.Semaphore | None = None  # held from the handshake to ready (voice.realtime.admission)
         self._meta_saving = self._meta_dirty = False
         # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
         self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
@@ -85,6 +87,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         except StopConsumer:
             pass
         finally:
+            self._admission_done()  # a connection that ends before it is ready (or fails) lets the next in
             if self._control is not None:
                 self._control.cancel()
                 self._control = None  # its cancellation's traceback refers to this consumer: no cycle
@@ -101,7 +104,11 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
 
     # --- connect -------------------------------------------------------------------------------------
     async def websocket_connect(self, message: dict[str, Any]) -> None:
-        """Called on the handshake: accept, authenticate, admit, open the upstream."""
+        """Called on the handshake: accept, authenticate, admit, open the upstream (through the admission
+        gate, released once the session is ready or the connection ends)."""
+        gate = admission_gate()
+        await gate.acquire()
+        self._gate = gate
         offered = self.scope.get("subprotocols") or []
         await self.base_send(
             {"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None}
@@ -215,6 +222,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
                 session_id=meta.session_id, user_id=meta.user_id),
             "resumed": self.resumed,
         })
+        self._admission_done()
 
     async def session_failed(self, reason: str, error_code: str, message: str) -> None:
         """Called by the GatewaySession when the upstream is lost or refuses the session."""
@@ -332,7 +340,14 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         await self._send_text(dump_event(event))
 
     # --- ending ----------------------------------------------------------------------------------------
+    def _admission_done(self) -> None:
+        """Called once the session is ready, refused or over: the next connection in line is admitted."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.release()
+
     async def _refuse(self, refusal: Refusal) -> None:
+        self._admission_done()
         await self._send_event(refusal.event())
         # The reason is best-effort (some servers drop it); the gateway.error event is the contract.
         await self.base_send({"type": "websocket.close", "code": refusal.close_code, "reason": refusal.message[:120]})
@@ -345,6 +360,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             return
         code = close_code or CLOSE_CODES.get(reason, 4500)
         self._give_back_slots(reason)  # before the client can see the close and redial
+        self._admission_done()
         if error_code:
             await self._send_event({"type": "gateway.error", "code": error_code, "message": message})
         self._stop_fast_path()
