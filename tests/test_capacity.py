@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import unique_user
 from tests.live import VoiceClient
+from tests.live import session_with_a_turn as live_session_with_a_turn
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,13 +86,7 @@ async def test_ended_sessions_are_freed_without_the_cyclic_collector(live_db, to
     server = LiveServer().start()
 
     async def session_with_a_turn() -> VoiceClient:
-        client = await VoiceClient.open(server.ws_url, token=token_for())
-        await client.wait_for("gateway.session.ready")
-        await client.send({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Litter moisture?"}]}})
-        await client.send({"type": "response.create"})
-        await client.wait_for("response.done", timeout=15)
-        return client
+        return await live_session_with_a_turn(server.ws_url, token_for())
 
     async def live_objects() -> list[object]:
         return [obj for consumer in registry.live_sessions()
