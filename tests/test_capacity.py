@@ -198,3 +198,22 @@ async def test_the_admission_gate_is_given_back_on_every_path(gateway, token_for
 
 async def _gate_value(admission_gate) -> int:
     return admission_gate()._value
+
+
+async def test_sessions_admitted_together_each_get_their_own_terminate(gateway, token_for) -> None:
+    """One control channel per process: sessions that join it at the same moment all receive the messages
+    addressed to them (and only those)."""
+    import asyncio
+
+    from voice.services.rollout import broadcast_terminate
+
+    clients = await asyncio.gather(*(VoiceClient.open(gateway.ws_url, token=token_for()) for _ in range(4)))
+    ids = [(await c.wait_for("gateway.session.ready", timeout=30))["session_id"] for c in clients]
+    await asyncio.sleep(0.5)  # presence published: joined the control channel's groups
+    assert await asyncio.to_thread(broadcast_terminate, code="terminated", session_id=ids[0])
+    assert await clients[0].wait_closed(5) == 4010
+    await asyncio.sleep(0.3)
+    assert all(not c.seen("gateway.error") for c in clients[1:])  # the others are untouched
+    for session_id in ids[1:]:
+        assert await asyncio.to_thread(broadcast_terminate, code="terminated", session_id=session_id)
+    assert await asyncio.gather(*(c.wait_closed(5) for c in clients[1:])) == [4010] * 3

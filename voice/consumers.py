@@ -68,7 +68,6 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self.scope = scope
         self.base_send = send
         self.channel_layer = get_channel_layer()
-        self._control: asyncio.Task[None] | None = None
         self._control_joined: int | None = None  # the control channel's generation this session joined
         # The voice server's synchronous frame path (voice/server_ws.py); absent under daphne/runserver.
         self._fastpath: dict[str, Any] | None = scope.get("extensions", {}).get(FASTPATH_EXTENSION)
@@ -88,9 +87,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             pass
         finally:
             self._admission_done()  # a connection that ends before it is ready (or fails) lets the next in
-            if self._control is not None:
-                self._control.cancel()
-                self._control = None  # its cancellation's traceback refers to this consumer: no cycle
+            self._supervision_stop()
             await self._finish("client_closed", None)
             self._fastpath = None
 
@@ -196,7 +193,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             logger.exception("session start failed")
             await self._end("internal_error", "internal_error", "Internal error", error=type(exc).__name__)
             return
-        self._control = asyncio.get_running_loop().create_task(self._supervise())
+        self._supervision_start()
         if self._fastpath is not None:
             self._fastpath["set_text_handler"](self._relay_frame_nowait)
 
@@ -392,6 +389,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             return
         self._finished = True
         self._give_back_slots(reason)
+        self._supervision_stop()
         self._stop_fast_path()
         session = self.session
         await session.close()

@@ -31,6 +31,7 @@ class ControlChannel:
         self.generation = 0  # bumped when the listener fails: sessions joined before must join again
         self._listener: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._naming = asyncio.Lock()  # sessions admitted together must all join the same channel
 
     async def join(self, session_id: str) -> int | None:
         """Called by a live session's presence refresh until it succeeds: put this process's channel in the
@@ -39,7 +40,9 @@ class ControlChannel:
 
         try:
             if self.name is None:
-                self.name = await self.layer.new_channel()
+                async with self._naming:
+                    if self.name is None:
+                        self.name = await self.layer.new_channel()
             if not self.broadcast_joined:
                 await asyncio.wait_for(self.layer.group_add(BROADCAST_GROUP, self.name), JOIN_TIMEOUT_SECONDS)
                 self.broadcast_joined = True
