@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -47,7 +48,7 @@ from voice.services.access import (
     slot_release_begin,
 )
 from voice.services.auth import AuthError, Identity, identity_from_jwt, ticket_redeem
-from voice.services.db import run_db_write
+from voice.services.db import run_db_write, submit_write
 
 logger = logging.getLogger(__name__)
 
@@ -200,13 +201,16 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
     async def session_ready(self) -> None:
         """Called by the GatewaySession once the upstream is configured."""
         meta = self.meta
-        await session_services.session_meta_save(meta)
-        await run_db_write(session_services.voice_session_start,
-            meta=meta, user_pk=self.admission.user.pk, upstream=self.session.upstream_kind,
-            instance=self.instance, resumed=self.resumed,
-        )
-        if not self.resumed:
-            await access_count_session_start(identity=self.identity, plan=self.admission.plan)
+        # The row goes on the writer's queue without being awaited: in a reconnect storm every ready would
+        # wait behind the rows of all the admissions before it. The writer is first in, first out, so this
+        # row is written before any of the session's turn rows or its end record.
+        submit_write(functools.partial(
+            session_services.voice_session_start, meta=meta, user_pk=self.admission.user.pk,
+            upstream=self.session.upstream_kind, instance=self.instance, resumed=self.resumed,
+        ))
+        counted = () if self.resumed else (access_count_session_start(identity=self.identity,
+                                                                        plan=self.admission.plan),)
+        await asyncio.gather(session_services.session_meta_save(meta), *counted)  # resume state before ready
         remaining = max(0, int(self.deadline - time.monotonic()))
         await self._send_event({
             "type": "gateway.session.ready",
