@@ -217,3 +217,38 @@ async def test_sessions_admitted_together_each_get_their_own_terminate(gateway, 
     for session_id in ids[1:]:
         assert await asyncio.to_thread(broadcast_terminate, code="terminated", session_id=session_id)
     assert await asyncio.gather(*(c.wait_closed(5) for c in clients[1:])) == [4010] * 3
+
+
+async def test_a_redial_to_another_instance_is_not_refused(live_db, token_for, settings, monkeypatch) -> None:
+    """Hang up on one instance and redial at once through the load balancer to the other: the first
+    instance's slot release may still be in flight (here it takes 0.15 s); the second retries briefly
+    instead of refusing."""
+    import asyncio
+
+    from tests.live import LiveServer
+    from voice.services import access
+
+    release = access._release_slots
+
+    async def slow_release(*args):
+        await asyncio.sleep(0.15)
+        await release(*args)
+
+    monkeypatch.setattr(access, "_release_slots", slow_release)
+    settings.MAX_SESSIONS_PER_USER_PER_HOUR = 1000
+    first, second = LiveServer().start(), LiveServer().start()
+    try:
+        user_id = unique_user("redial-lb")
+        codes = []
+        for n in range(10):
+            server = first if n % 2 == 0 else second
+            client = await VoiceClient.open(server.ws_url, token=token_for(user_id))
+            event = await client.next_event(30)
+            while event["type"] not in ("gateway.session.ready", "gateway.error"):
+                event = await client.next_event(30)
+            codes.append(event.get("code", "ready"))
+            await client.close()
+        assert codes == ["ready"] * 10
+    finally:
+        first.stop()
+        second.stop()

@@ -14,7 +14,8 @@ Only a session that actually starts is counted in the hourly window (`access_cou
 
 A session that ends gives its slots back first, before anything slow (`slot_release_begin`): a user who
 hangs up and redials at once must not find their own ended session still holding the concurrency slot. A
-redial admitted on this instance while that release is still in flight waits for it.
+redial admitted on this instance while that release is still in flight waits for it; one admitted on another
+instance retries the slot a few times (0.35 s in all) before it is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ PLAN_NOT_ALLOWED_MESSAGE = "Voice is reserved for the Elite and Intelia plans"
 NOT_IN_ROLLOUT_MESSAGE = "Feature not available for your account"
 CONCURRENT_SLOT_TTL = 30.0  # seconds; live sessions refresh their slot every 10 s
 RELEASE_WAIT_SECONDS = 2.0  # how long an admission waits for the same user's ending session to let go
+REDIAL_RETRY_DELAYS = (0.05, 0.1, 0.2)  # slot retries before refusing concurrent_session (another instance)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ async def access_decide(
         message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
         return await _refused(Refusal("rate_limited", 4429, message, retry_after), identity, plan_code)
     if not acquired:
+        acquired = await _slot_acquire_after_redial(slot_key, session_id)
+    if not acquired:
         message = "You already have a voice session open; close it first"
         return await _refused(Refusal("concurrent_session", 4409, message), identity, plan_code)
     return Admission(user=user, plan=plan, cohort=cohort)
@@ -155,6 +159,18 @@ async def _release_slots(external_user_id: str, session_id: str) -> None:
     with contextlib.suppress(Exception):
         await asyncio.gather(state.slot_release(concurrency_key(external_user_id), session_id),
                              state.slot_release(ACTIVE_SESSIONS_KEY, session_id))
+
+
+async def _slot_acquire_after_redial(slot_key: str, session_id: str) -> bool:
+    """A user who hung up on another instance and redialled here at once may arrive while that instance's
+    release is still in flight (a Redis round trip): a few short retries (0.35 s in all) before refusing."""
+    state = get_state()
+    for delay in REDIAL_RETRY_DELAYS:
+        await asyncio.sleep(delay)
+        if await state.slot_acquire(slot_key, session_id, limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
+                                    ttl=CONCURRENT_SLOT_TTL):
+            return True
+    return False
 
 
 async def _released(external_user_id: str) -> None:
