@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -69,12 +70,15 @@ class Supervisor:
 
     def _check_all(self, now: float, enabled: bool) -> None:
         # A method of its own: a loop variable left in `_run`'s frame would keep the last session alive.
+        presence: list[tuple[str, str]] = []
         for consumer in list(self.watched):
             try:
-                for work in consumer._supervision_tick(now, enabled):
+                for work in consumer._supervision_tick(now, enabled, presence):
                     self.spawn(work)
             except Exception:  # one session's failure must not stop the others' supervision
                 logger.exception("session supervision failed")
+        if presence:  # every slot due this second, in one round trip
+            self.spawn(get_state().slots_refresh(presence, ttl=SLOT_REFRESH_SECONDS * 3))
 
     def close(self) -> None:
         """Called when the loop's server stops."""
@@ -108,7 +112,8 @@ class SessionSupervision:
 
     def _supervision_start(self) -> None:
         """Called once the session is live: checked every second from now on, present in Redis at once."""
-        self._ticks = 0
+        # Sessions admitted in the same second refresh in different seconds: each second's batch stays small.
+        self._ticks = random.randrange(SLOT_REFRESH_SECONDS)
         get_state().add_resync_hook(self._publish_presence)
         loop_supervisor = supervisor()
         loop_supervisor.watch(self)
@@ -122,9 +127,11 @@ class SessionSupervision:
         get_state().remove_resync_hook(self._publish_presence)
         supervisor().unwatch(self)
 
-    def _supervision_tick(self, now: float, voice_enabled: bool) -> list[Awaitable[Any]]:
-        """Called every second by the loop's supervisor: kill switch, duration limit, upstream stall; slots
-        refreshed every 10 s. Returns the async work due now (usually none)."""
+    def _supervision_tick(self, now: float, voice_enabled: bool,
+                          presence: list[tuple[str, str]]) -> list[Awaitable[Any]]:
+        """Called every second by the loop's supervisor: kill switch, duration limit, upstream stall; every
+        10 s the session's slots join `presence` (refreshed together). Returns the async work due now
+        (usually none)."""
         if self._ended:
             return []
         if not voice_enabled:
@@ -143,20 +150,32 @@ class SessionSupervision:
                               error="upstream_unavailable")]
         self._ticks += 1
         if self._ticks % SLOT_REFRESH_SECONDS == 0:
-            due.append(self._publish_presence())
+            presence.extend(self._presence_slots())
+            if not self._control_current():
+                due.append(self._join_control())
         return due
 
+    def _presence_slots(self) -> list[tuple[str, str]]:
+        """This session's slots: its user's concurrency slot and its live-session slot."""
+        return [(concurrency_key(self.identity.user_id), self.session_id), (ACTIVE_SESSIONS_KEY, self.session_id)]
+
     async def _publish_presence(self, *, just_admitted: bool = False) -> None:
-        """Keep (or, after a Redis outage, re-publish) this session's slots and groups."""
-        state = get_state()
-        ttl = SLOT_REFRESH_SECONDS * 3
-        if not just_admitted:  # the admission itself took the concurrency slot, with this time to live
-            await state.slot_refresh(concurrency_key(self.identity.user_id), self.session_id, ttl=ttl)
-        await state.slot_refresh(ACTIVE_SESSIONS_KEY, self.session_id, ttl=ttl)
-        if self.channel_layer is not None:
-            control = control_channel(self.channel_layer)
-            if self._control_joined is None or self._control_joined != control.generation:
-                self._control_joined = await control.join(self.session_id)
+        """Publish (at the start, or after a Redis outage again) this session's slots and groups."""
+        # Right after admission, the concurrency slot was just taken with this time to live.
+        slots = self._presence_slots()[1:] if just_admitted else self._presence_slots()
+        await get_state().slots_refresh(slots, ttl=SLOT_REFRESH_SECONDS * 3)
+        if not self._control_current():
+            await self._join_control()
+
+    def _control_current(self) -> bool:
+        """True when this session is in the control channel's groups (or there is no channel layer)."""
+        if self.channel_layer is None:
+            return True
+        return self._control_joined is not None and self._control_joined == control_channel(
+            self.channel_layer).generation
+
+    async def _join_control(self) -> None:
+        self._control_joined = await control_channel(self.channel_layer).join(self.session_id)
 
     async def session_terminate(self, message: dict[str, Any]) -> None:
         """Called by the process's control channel: the kill switch was engaged, or an operator ended this
