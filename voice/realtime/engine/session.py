@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from voice.realtime import protocol_tap
+
 from . import faults
 from . import response as responses
 from .config import PLACEHOLDER_TRANSCRIPT, EngineConfig
@@ -26,6 +28,7 @@ from .protocol import (
     merge_session,
     new_id,
     text_tokens,
+    transcribes_during_speech,
     vad_params,
     validate_session,
 )  # fmt: skip
@@ -111,6 +114,8 @@ class EngineSession:
     def emit(self, event: dict[str, Any]) -> None:
         """Queue one server event (dropped once closed or while a stall is simulated)."""
         if not self.closed and not self.stalled:
+            if protocol_tap.engine_emitted is not None:
+                protocol_tap.engine_emitted(event)
             self.out.put_nowait(json.dumps(event))
 
     def emit_raw(self, text: str) -> None:
@@ -196,7 +201,8 @@ class EngineSession:
     def _early_words(self) -> None:
         """Partial transcript while the user is still speaking: one word per `partial_word_ms` of speech."""
         turn = self._turn
-        if turn is None or not (self.config.partials_enabled and turn.known and self._transcribing()):
+        streaming = transcribes_during_speech(self.session)
+        if turn is None or not (turn.known and self._transcribing() and self.config.partials_enabled(streaming)):
             return
         words = turn.transcript.split()
         due = min(len(words), self._vad.speech_ms // max(1, self.config.partial_word_ms)) if self._vad else 0
