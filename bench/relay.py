@@ -36,7 +36,6 @@ import base64
 import contextlib
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import sys
@@ -52,6 +51,7 @@ from bench.common import (
     ROOT,
     Server,
     bench_env,
+    collect_process,
     cpu_busy_seconds,
     fmt,
     free_port,
@@ -65,6 +65,7 @@ from bench.common import (
     proc_cpu_seconds,
     proc_rss_mb,
     setup_django,
+    spawn_process,
     table,
     write_result,
 )
@@ -396,18 +397,8 @@ def _loadgen_main(spec: dict[str, Any], out: Any) -> None:
 
 
 def run_load(spec: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_loadgen_main, args=(spec, out))
-    proc.start()
     budget = spec["connect_budget"] + spec["warmup"] + spec["duration"] + spec["grace"] + 120
-    try:
-        result = out.get(timeout=budget)
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-    return result
+    return collect_process(*spawn_process(_loadgen_main, spec), budget)
 
 
 # ==== orchestration =========================================================================================

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import os
 import pstats
 import sys
@@ -38,6 +37,7 @@ from bench.common import (
     PYTHON,
     ROOT,
     Server,
+    collect_process,
     fmt,
     free_port,
     issue_tokens,
@@ -49,6 +49,7 @@ from bench.common import (
     prepare_db,
     proc_cpu_seconds,
     setup_django,
+    spawn_process,
     table,
     write_result,
 )
@@ -160,23 +161,6 @@ def _connect_main(spec: dict[str, Any], out: Any) -> None:
         out.put({"error": repr(exc)})
 
 
-def _spawn(target: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=target, args=(spec, out))
-    proc.start()
-    return proc, out
-
-
-def _collect(proc: Any, out: Any, timeout: float) -> dict[str, Any]:
-    try:
-        return out.get(timeout=timeout)
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-
-
 # ==== one storm ==============================================================================================
 def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: int) -> dict[str, Any]:
     settled_s = wait_idle({"uvicorn": server}, upstream)
@@ -194,13 +178,13 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     storm_at = time.monotonic() + SPAWN_MARGIN_S + connect_budget + 2.0 + args.baseline
     storm_spec = {"storm": n, "url": url, "tokens": storm_tokens, "start_at": storm_at,
                   "cpu": args.client_cpu, "hold": 1.0}
-    stream_proc, stream_out = _spawn(_loadgen_main, stream_spec) if m else (None, None)
-    storm_proc, storm_out = _spawn(_connect_main, storm_spec)
+    stream_proc, stream_out = spawn_process(_loadgen_main, stream_spec) if m else (None, None)
+    storm_proc, storm_out = spawn_process(_connect_main, storm_spec)
     time.sleep(max(0.0, storm_at - time.monotonic()))
     cpu_before = proc_cpu_seconds(server.pid)
-    storm = _collect(storm_proc, storm_out, 180)
+    storm = collect_process(storm_proc, storm_out, 180)
     cpu_storm = proc_cpu_seconds(server.pid) - cpu_before
-    stream = _collect(stream_proc, stream_out, 240) if stream_proc else {}
+    stream = collect_process(stream_proc, stream_out, 240) if stream_proc else {}
     if "error" in storm or "error" in stream:
         return {"repeat": rep, "error": storm.get("error") or stream.get("error")}
     ready = sorted(storm["ready_s"])
@@ -264,16 +248,16 @@ def profile_admissions(args: argparse.Namespace, upstream_url: str, upstream: Se
     try:
         warm = {"storm": 20, "url": url, "tokens": issue_tokens("warm-" + time.strftime("%H%M%S"), 20),
                 "start_at": 0.0, "cpu": args.client_cpu, "sequential": True}
-        _collect(*_spawn(_connect_main, warm), 120)  # first-use costs (pools, caches, imports) not billed
+        collect_process(*spawn_process(_connect_main, warm), 120)  # first-use costs (pools, caches, imports) not billed
         time.sleep(1.0)
         k = args.profile
         spec = {"storm": k, "url": url, "tokens": known_user_tokens("prof-" + time.strftime("%H%M%S"), k,
                                                                    args.new_users),
                 "start_at": 0.0, "cpu": args.client_cpu, "sequential": True, "pause": 0.02}
-        proc, out = _spawn(_connect_main, spec)
+        proc, out = spawn_process(_connect_main, spec)
         time.sleep(SPAWN_MARGIN_S)
         before, total_before = thread_cpu_seconds(server.pid), proc_cpu_seconds(server.pid)
-        result = _collect(proc, out, 60 + k)
+        result = collect_process(proc, out, 60 + k)
         time.sleep(1.0)  # the last session's end
         after, total_after = thread_cpu_seconds(server.pid), proc_cpu_seconds(server.pid)
     finally:
