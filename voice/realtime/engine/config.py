@@ -43,6 +43,12 @@ class EngineConfig:
     partial_transcripts: bool | None = field(
         default_factory=lambda: setting("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", None)
     )
+    # "auto": recognise spoken turns (stt/) when a recogniser is installed and no script is set; "off".
+    recognition: str = field(default_factory=lambda: str(setting("LOCAL_ENGINE_STT", "auto")))
+    stt_model_dir: str = field(default_factory=lambda: str(setting("LOCAL_ENGINE_STT_MODEL_DIR", "var/speech")))
+    stt_max_streams: int = field(default_factory=lambda: int(setting("LOCAL_ENGINE_STT_MAX_STREAMS", 8)))
+    stt_max_lag_ms: int = field(default_factory=lambda: int(setting("LOCAL_ENGINE_STT_MAX_LAG_MS", 2000)))
+    stt_final_timeout_ms: int = 3000  # commit -> final transcript, else a placeholder
     partial_word_ms: int = 250  # one early transcript word per this much detected speech
     answerer: Answerer | None = None
     use_rag: bool = True  # try voice.rag for questions with a known text
@@ -65,6 +71,15 @@ class EngineConfig:
                     script = []
             self._transcripts = [str(s) for s in (script or [])]
         return self._transcripts
+
+    @property
+    def recognises(self) -> bool:
+        """Whether spoken turns are recognised for real (no script, recognition on, a recogniser installed)."""
+        if self.recognition == "off" or self.transcripts():
+            return False
+        from .recognition import SpeechInput
+
+        return SpeechInput.available()
 
     @property
     def partials_enabled(self) -> bool:
