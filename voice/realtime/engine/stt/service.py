@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class RecognitionStream:
         self.service, self.sid, self.listener = service, sid, listener
         self.sent_ms = 0.0
         self.decoded_ms = 0  # written by the reader thread (an int store: atomic)
+        self._undecoded: deque[tuple[float, float]] = deque()  # (audio end ms, monotonic time sent)
         self.finishing = False
         self.done = False
 
@@ -58,12 +60,21 @@ class RecognitionStream:
         """Called for each chunk of the turn's audio; drops the stream when the worker lags too far."""
         if self.done or self.finishing or not pcm:
             return
+        now = time.monotonic()
         self.sent_ms += len(pcm) / BYTES_PER_MS
-        if self.service.ready and self.sent_ms - self.decoded_ms > self.service.max_lag_ms:
+        self._undecoded.append((self.sent_ms, now))
+        if self.lag_ms(now) > self.service.max_lag_ms:
             self.abandon(OVERLOADED)
-            return
-        if not self.service.send(wire.frame(wire.AUDIO, self.sid, pcm)):
+        elif not self.service.send(wire.frame(wire.AUDIO, self.sid, pcm)):
             self.abandon(OVERLOADED)
+
+    def lag_ms(self, now: float) -> float:
+        """How long the oldest audio the worker has not decoded yet has waited (since it was up)."""
+        while self._undecoded and self._undecoded[0][0] <= self.decoded_ms:
+            self._undecoded.popleft()
+        if not self._undecoded or not self.service.ready:
+            return 0.0
+        return (now - max(self._undecoded[0][1], self.service.ready_at)) * 1000
 
     def finish(self) -> None:
         """Called at commit: the final transcript comes back through `on_final`."""
@@ -96,6 +107,7 @@ class RecognitionService:
         self.max_streams = max_streams
         self.max_lag_ms = max_lag_ms
         self.ready = False
+        self.ready_at = 0.0  # monotonic time the worker said it was ready
         self.failed_reason: str | None = None
         self._proc: subprocess.Popen | None = None
         self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_FRAMES)
@@ -206,7 +218,8 @@ class RecognitionService:
     def _dispatch(self, op: int, sid: int, body: dict) -> None:
         if sid == 0:
             if op == wire.READY:
-                self.ready, self.failed_reason = True, None
+                self.ready_at, self.failed_reason = time.monotonic(), None
+                self.ready = True
                 log.info("speech: recognition worker ready (%s)", body.get("recogniser"))
             elif op == wire.FAILED:
                 self.failed_reason = str(body.get("reason"))
@@ -248,17 +261,17 @@ class RecognitionService:
             log.warning("speech: recognition worker exited with status %s", code)
 
 
-_services: dict[Path, RecognitionService] = {}
+_services: dict[tuple[Path, int, float], RecognitionService] = {}
 _services_lock = threading.Lock()
 
 
 def get_service(model_dir: Path, *, max_streams: int, max_lag_ms: float) -> RecognitionService:
-    """The process-wide service for `model_dir` (created on first use; limits from the first caller)."""
-    key = Path(model_dir).resolve()
+    """The process-wide service for these settings (one worker process each; created on first use)."""
+    key = (Path(model_dir).resolve(), max_streams, max_lag_ms)
     with _services_lock:
         service = _services.get(key)
         if service is None:
-            service = _services[key] = RecognitionService(key, max_streams=max_streams, max_lag_ms=max_lag_ms)
+            service = _services[key] = RecognitionService(key[0], max_streams=max_streams, max_lag_ms=max_lag_ms)
         return service
 
 

@@ -1,0 +1,188 @@
+"""Offline speech recognition (voice/realtime/engine/stt): language model, resampling, the engine's
+streaming transcripts and its capacity bounds. Needs requirements/speech.txt; skipped without it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import AUDIO
+from tests.test_engine import cfg, configure, recv, send, wav_frames
+from voice.realtime.engine import PLACEHOLDER_TRANSCRIPT, LocalUpstream
+from voice.realtime.engine.recognition import OVERLOADED_TRANSCRIPT, newly_stable
+from voice.realtime.engine.stt import domain_lm, unavailable_reason
+from voice.realtime.engine.stt.resample import Resampler24to16
+from voice.realtime.engine.stt.wer import word_error_rate
+
+SPEECH_MISSING = unavailable_reason("en")
+needs_speech = pytest.mark.skipif(SPEECH_MISSING is not None, reason=f"speech tests: {SPEECH_MISSING}")
+needs_audio = pytest.mark.skipif(not AUDIO.is_dir(), reason="shared test audio not available")
+MANIFEST = json.loads((AUDIO / "manifest.json").read_text()) if AUDIO.is_dir() else {"files": []}
+ENGLISH = [f for f in MANIFEST["files"] if f["language"] == "en"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A fresh speech model directory: the worker builds the model from the bundled knowledge."""
+    return tmp_path_factory.mktemp("speech")
+
+
+def test_arpa_model_is_a_normalised_backoff_model() -> None:
+    sentences = [s.split() for s in ("the ideal temperature", "the ideal humidity", "water per day")]
+    text = domain_lm.arpa(sentences)
+    grams: dict[int, dict[tuple, tuple[float, float]]] = defaultdict(dict)
+    order = 0
+    for line in text.splitlines():
+        if line.startswith("\\") and line.endswith("-grams:"):
+            order = int(line[1])
+        elif order and line.strip() and not line.startswith("\\"):
+            parts = line.split("\t")
+            grams[order][tuple(parts[1].split())] = (float(parts[0]), float(parts[2]) if len(parts) > 2 else 0.0)
+    vocab = [w for (w,) in grams[1] if w != "<s>"]
+
+    def prob(history: tuple, word: str) -> float:
+        gram = (*history, word)
+        if gram in grams[len(gram)]:
+            return 10 ** grams[len(gram)][gram][0]
+        return 10 ** grams[len(history)].get(history, (0, 0.0))[1] * prob(history[1:], word)
+
+    for history in [(), ("the",), ("<s>", "the"), ("ideal",), ("water", "per"), ("per", "day")]:
+        assert math.isclose(sum(prob(history, w) for w in vocab), 1.0, rel_tol=1e-3), history
+
+
+def test_knowledge_sentences_speak_numbers_and_units() -> None:
+    text = "---\ntitle: Brooding temperature\nlang: en\n---\n| Week 2 | 29–30 °C |\nDay-old chicks: 60 %."
+    sentences, topics = domain_lm.knowledge_sentences(text)
+    flat = [" ".join(s) for s in sentences]
+    assert "twenty nine to thirty degrees" in flat and "day old chicks" in flat and "sixty percent" in flat
+    assert "brooding temperature" in topics
+
+
+def test_resampler_keeps_the_tone_and_is_chunk_invariant() -> None:
+    t = np.arange(24000) / 24000
+    pcm = (8000 * np.sin(2 * np.pi * 1000 * t)).astype("<i2").tobytes()
+    whole = Resampler24to16().feed(pcm)
+    pieces, chunked = Resampler24to16(), b""
+    for offset in range(0, len(pcm), 1919):  # odd sizes: split samples and phases
+        chunked += pieces.feed(pcm[offset : offset + 1919])
+    assert whole == chunked and abs(len(whole) // 2 - 16000) <= 1
+    out = np.frombuffer(whole, "<i2").astype(float)
+    spectrum = np.abs(np.fft.rfft(out[1000:]))
+    assert abs(np.argmax(spectrum) * 16000 / len(out[1000:]) - 1000) < 5
+
+
+def test_only_words_successive_hypotheses_agree_on_are_sent() -> None:
+    history = [["what"], ["what", "is"]]
+    assert newly_stable([], history, ["what", "is", "the"]) == ["what"]
+    assert newly_stable(["what"], [["what", "is"], ["what", "is", "the"]], ["what", "is", "the", "ideal"]) == ["is"]
+    assert newly_stable(["what", "was"], history, ["what", "is", "the"]) == []  # revised: wait for the final
+
+
+async def _spoken(up: LocalUpstream, wav: str, pace: float = 0.0) -> list[dict]:
+    """Stream a WAV into a VAD + transcription session; events up to the completed transcript."""
+    events: list[dict] = []
+    for frame in wav_frames(wav):
+        await send(up, type="input_audio_buffer.append", audio=frame)
+        await asyncio.sleep(pace)
+    while not events or events[-1]["type"] != "conversation.item.input_audio_transcription.completed":
+        events.append(await recv(up, timeout=20))
+    return events
+
+
+async def _engine(model_dir: Path, **kw) -> LocalUpstream:
+    up = LocalUpstream(cfg(recognition="auto", stt_model_dir=str(model_dir), **kw))
+    await up.connect()
+    assert (await recv(up))["type"] == "session.created"
+    await configure(up, transcription=True)
+    return up
+
+
+@needs_speech
+@needs_audio
+@pytest.mark.parametrize("entry", ENGLISH, ids=[f["file"] for f in ENGLISH])
+async def test_engine_recognises_the_english_questions(model_dir, entry) -> None:
+    up = await _engine(model_dir)
+    try:
+        events = await _spoken(up, entry["file"], pace=0.005)
+        kinds = [e["type"] for e in events]
+        transcript = events[-1]["transcript"]
+        assert word_error_rate(entry["transcript"], transcript) <= 0.4, transcript
+        deltas = [i for i, k in enumerate(kinds) if k.endswith("input_audio_transcription.delta")]
+        assert deltas and deltas[0] < kinds.index("input_audio_buffer.speech_stopped")
+    finally:
+        await up.close()
+
+
+@needs_speech
+@needs_audio
+async def test_a_full_recogniser_gives_a_placeholder_not_a_stall(model_dir) -> None:
+    up = await _engine(model_dir, stt_max_streams=0)
+    try:
+        events = await asyncio.wait_for(_spoken(up, "en_broiler_water.wav"), 20)
+        assert events[-1]["transcript"] == OVERLOADED_TRANSCRIPT
+    finally:
+        await up.close()
+
+
+@needs_speech
+@needs_audio
+async def test_a_recogniser_falling_behind_drops_the_utterance(model_dir) -> None:
+    up = await _engine(model_dir, stt_max_lag_ms=1)  # any backlog at all counts as falling behind
+    try:
+        up.session._speech.service.start()
+        for _ in range(200):  # the lag bound applies once the worker is up
+            if up.session._speech.service.ready:
+                break
+            await asyncio.sleep(0.05)
+        events = await asyncio.wait_for(_spoken(up, "en_broiler_water.wav"), 20)
+        assert events[-1]["transcript"] == OVERLOADED_TRANSCRIPT
+    finally:
+        await up.close()
+
+
+@needs_audio
+async def test_without_a_recogniser_the_engine_keeps_its_placeholder(monkeypatch, model_dir) -> None:
+    monkeypatch.setattr("voice.realtime.engine.recognition.unavailable_reason", lambda lang: "not installed")
+    up = await _engine(model_dir)
+    try:
+        assert up.session._speech is None
+        events = await _spoken(up, "en_broiler_water.wav")
+        assert events[-1]["transcript"] == PLACEHOLDER_TRANSCRIPT
+    finally:
+        await up.close()
+
+
+@needs_speech
+@needs_audio
+async def test_french_sessions_stay_on_the_placeholder(model_dir) -> None:
+    up = await _engine(model_dir)
+    try:
+        await up.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+            "input": {"transcription": {"model": "gpt-4o-transcribe", "language": "fr"}}}}}))
+        assert (await recv(up))["type"] == "session.updated"
+        events = await _spoken(up, "fr_brooding_temperature.wav")
+        assert events[-1]["transcript"] == PLACEHOLDER_TRANSCRIPT
+    finally:
+        await up.close()
+
+
+@needs_speech
+@pytest.mark.django_db
+def test_voice_ingest_rebuilds_the_speech_model(tmp_path, settings) -> None:
+    from django.core.management import call_command
+
+    settings.RAG_LOCAL_INDEX = str(tmp_path / "index.sqlite3")
+    settings.LOCAL_ENGINE_STT_MODEL_DIR = str(tmp_path / "speech")
+    doc = tmp_path / "en-zucchini.md"
+    doc.write_text("---\ntitle: Zucchini for hens\nlang: en\n---\nHens may peck zucchini slices in summer.\n")
+    call_command("voice_ingest", str(doc), "--reset")
+    lm = (tmp_path / "speech" / domain_lm.LM_NAME).read_text()
+    assert "\tzucchini" in lm and "brooding" not in lm  # reset: only what was ingested
+    call_command("voice_ingest", str(doc))  # without reset: adds to what the model was built from
+    assert "\tzucchini" in (tmp_path / "speech" / domain_lm.LM_NAME).read_text()
