@@ -224,9 +224,9 @@ def build(files: Iterable[Path], out_dir: Path, dictionary: Path) -> dict:
         raise ValueError("no English knowledge text to build a language model from")
     words = sorted({w for run in runs for w in run})
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / DICT_NAME, "".join(f"{line}\n" for w in words for line in known[w]))
-    _write_atomic(out_dir / LM_NAME, arpa(runs))
-    _write_atomic(out_dir / SOURCES_NAME, json.dumps(sources, indent=1))
+    write_atomic(out_dir / DICT_NAME, "".join(f"{line}\n" for w in words for line in known[w]))
+    write_atomic(out_dir / LM_NAME, arpa(runs))
+    write_atomic(out_dir / SOURCES_NAME, json.dumps(sources, indent=1))
     return {"files": len(sources), "sentences": len(runs), "words": len(words)}
 
 
@@ -238,8 +238,8 @@ def previous_sources(out_dir: Path) -> list[Path]:
         return []
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` in one rename, so a recogniser starting meanwhile never reads half a file."""
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one rename, so a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 from pathlib import Path
@@ -11,6 +13,7 @@ from .resample import Resampler24to16
 
 log = logging.getLogger(__name__)
 _BUILD_LOCK = threading.Lock()
+CHANNEL_NAME = "channel-mean.json"  # not part of the model: survives rebuilds
 
 
 def wheel_dictionary() -> Path:
@@ -33,20 +36,37 @@ def ensure_model(model_dir: Path) -> tuple[Path, Path]:
 
 
 class ChannelMean:
-    """The cepstral mean of recent utterances in this process, the start point of the next one.
+    """The cepstral mean of recent utterances, the start point of the next one (kept in the model dir).
 
     The acoustic model was trained with per-utterance (batch) mean normalisation; streaming must start
     from an estimate, and PocketSphinx's built-in default is far enough from real input that a first
-    utterance can come out as nonsense. So each finished utterance refines the estimate, and an
-    utterance started without one is decoded a second time at the end with its own mean."""
+    utterance can come out as nonsense. So each finished utterance refines the estimate (saved, so a
+    restarted worker starts warm), and an utterance started without one is decoded a second time at
+    the end with its own mean."""
 
     def __init__(self) -> None:
         self.value: list[float] | None = None
+        self.path: Path | None = None
+
+    def load(self, model_dir: Path) -> None:
+        """Called when a recogniser is created: read the saved estimate once per model directory."""
+        path = model_dir / CHANNEL_NAME
+        if self.path == path:
+            return
+        self.path = path
+        try:
+            value = json.loads(path.read_text())
+            self.value = [float(v) for v in value] if isinstance(value, list) and value else None
+        except (OSError, ValueError, TypeError):
+            self.value = None
 
     def update(self, cmn: str) -> None:
         """Called after each utterance with the decoder's mean over it."""
         new = [float(v) for v in cmn.split(",")]
         self.value = new if self.value is None else [(a + b) / 2 for a, b in zip(self.value, new, strict=True)]
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                domain_lm.write_atomic(self.path, json.dumps([round(v, 4) for v in self.value]))
 
     def text(self) -> str | None:
         """The estimate in PocketSphinx's format, or None before the first utterance."""
@@ -67,6 +87,7 @@ class PocketSphinxRecogniser:
         lm, dic = ensure_model(model_dir)
         self._decoder = Decoder(lm=str(lm), dict=str(dic), loglevel="FATAL")
         self._channel = channel
+        channel.load(model_dir)
         self._cold = channel.text() is None
         if not self._cold:
             self._decoder.set_cmn(channel.text())

@@ -230,7 +230,8 @@ class RecognitionService:
             return
         if op == wire.HYP:
             stream.decoded_ms = int(body.get("audio_ms") or 0)
-            self._call(stream, stream.listener.on_hypothesis, list(body.get("words") or []))
+            if body.get("changed"):
+                self._call(stream, stream.listener.on_hypothesis, list(body.get("words") or []))
         elif op in (wire.FINAL, wire.FAILED):
             stream.done = True
             self.forget(sid)

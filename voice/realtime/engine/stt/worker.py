@@ -26,7 +26,8 @@ class Stream:
         self.audio_bytes = 0
         self.cpu_s = 0.0
         self.words: list[str] = []
-        self.dirty = False
+        self.dirty = False  # the hypothesis changed since it was last sent
+        self.fed = False  # audio arrived since progress was last sent
 
 
 def main(model_dir: Path) -> int:
@@ -46,16 +47,18 @@ def main(model_dir: Path) -> int:
     reader = wire.FrameReader(sys.stdin.fileno())
     while (messages := reader.read()) is not None:
         replies: list[bytes] = []
+        # A cancelled utterance's audio still queued is skipped: it matters when the worker is behind.
+        cancelled = {sid for op, sid, _ in messages if op == wire.CANCEL}
         for op, sid, payload in messages:
-            handle(op, sid, payload, streams, replies, model_dir)
+            if op != wire.AUDIO or sid not in cancelled:
+                handle(op, sid, payload, streams, replies, model_dir)
         for sid, stream in streams.items():
-            if stream.dirty:
-                stream.dirty = False
-                replies.append(
-                    wire.json_frame(
-                        wire.HYP, sid, {"words": stream.words, "audio_ms": stream.audio_bytes // BYTES_PER_MS}
-                    )
-                )
+            if stream.fed:  # progress on every batch (the engine's lag bound), words only when changed
+                body = {"audio_ms": stream.audio_bytes // BYTES_PER_MS, "changed": stream.dirty}
+                if stream.dirty:
+                    body["words"] = stream.words
+                replies.append(wire.json_frame(wire.HYP, sid, body))
+                stream.fed = stream.dirty = False
         if replies:
             out.write(b"".join(replies))
     return 0
@@ -80,6 +83,7 @@ def handle(
             words = stream.recogniser.feed(payload)
             stream.cpu_s += time.process_time() - started
             stream.audio_bytes += len(payload)
+            stream.fed = True
             stream.dirty = stream.dirty or words != stream.words
             stream.words = words
         elif op == wire.FINISH and sid in streams:
