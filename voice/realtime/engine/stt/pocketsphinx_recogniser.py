@@ -85,7 +85,9 @@ class PocketSphinxRecogniser:
         from pocketsphinx import Decoder
 
         lm, dic = ensure_model(model_dir)
-        self._decoder = Decoder(lm=str(lm), dict=str(dic), loglevel="FATAL")
+        # No flat-lexicon second pass: it costs ~75 ms at every turn end (measured: the final is ready in
+        # ~2 ms without it) for one or two words on the test questions (docs/BENCHMARKS.md, section 6).
+        self._decoder = Decoder(lm=str(lm), dict=str(dic), fwdflat=False, loglevel="FATAL")
         self._channel = channel
         channel.load(model_dir)
         self._cold = channel.text() is None
