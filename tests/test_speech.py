@@ -134,19 +134,10 @@ async def test_engine_recognises_the_english_questions(model_dir, entry) -> None
 
 @needs_speech
 @needs_audio
-async def test_a_full_recogniser_gives_a_placeholder_not_a_stall(model_dir) -> None:
-    up = await _engine(model_dir, stt_max_streams=0)
-    try:
-        events = await asyncio.wait_for(_spoken(up, "en_broiler_water.wav"), 20)
-        assert events[-1]["transcript"] == OVERLOADED_TRANSCRIPT
-    finally:
-        await up.close()
-
-
-@needs_speech
-@needs_audio
-async def test_a_recogniser_falling_behind_drops_the_utterance(model_dir) -> None:
-    up = await _engine(model_dir, stt_max_lag_ms=1)  # any backlog at all counts as falling behind
+@pytest.mark.parametrize("limits", [{"stt_max_streams": 0}, {"stt_max_lag_ms": 1}], ids=["full", "falling_behind"])
+async def test_beyond_capacity_a_placeholder_never_a_stall(model_dir, limits) -> None:
+    """No free stream: refused at speech start. Lag over the bound (1 ms: any backlog): dropped mid-speech."""
+    up = await _engine(model_dir, **limits)
     try:
         events = await asyncio.wait_for(_spoken(up, "en_broiler_water.wav"), 20)
         assert events[-1]["transcript"] == OVERLOADED_TRANSCRIPT
