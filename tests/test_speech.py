@@ -185,3 +185,44 @@ def test_voice_ingest_rebuilds_the_speech_model(tmp_path, settings) -> None:
     assert "\tzucchini" in lm and "brooding" not in lm  # reset: only what was ingested
     call_command("voice_ingest", str(doc))  # without reset: adds to what the model was built from
     assert "\tzucchini" in (tmp_path / "speech" / domain_lm.LM_NAME).read_text()
+
+
+@needs_speech
+@needs_audio
+async def test_answers_wait_for_the_committed_turns_final_not_for_the_next_turn(model_dir) -> None:
+    up = await _engine(model_dir)
+    try:
+        await _spoken(up, "en_brooding_temperature.wav", pace=0.01)
+        frames = wav_frames("en_broiler_water.wav")
+        for frame in frames[: len(frames) // 2]:  # the next question, cut mid-speech: no commit, no final
+            await send(up, type="input_audio_buffer.append", audio=frame)
+            await asyncio.sleep(0.005)
+        await send(up, type="response.create")
+        events = []
+        while not events or events[-1]["type"] != "response.done":
+            events.append(await recv(up, timeout=10))
+        assert events[-1]["response"]["status"] == "completed"
+        assert not [e for e in events if e["type"].endswith("input_audio_transcription.completed")]
+    finally:
+        await up.close()
+
+
+@needs_speech
+@needs_audio
+async def test_an_automatic_answer_reads_the_recognised_question(model_dir) -> None:
+    up = await _engine(model_dir)
+    try:
+        await configure(up, create_response=True)
+        events = []
+        for frame in wav_frames("en_broiler_water.wav"):
+            await send(up, type="input_audio_buffer.append", audio=frame)
+            await asyncio.sleep(0.01)
+        while not events or events[-1]["type"] != "response.done":
+            events.append(await recv(up, timeout=20))
+        kinds = [e["type"] for e in events]
+        # The response started at commit but read its question only once the final transcript was out.
+        assert kinds.index("response.created") < kinds.index("response.output_item.added")
+        assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index(
+            "response.output_item.added")
+    finally:
+        await up.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .stt import ENGLISH, unavailable_reason
-from .stt.service import OK, OVERLOADED, Listener, RecognitionStream, get_service
+from .stt.service import OK, OVERLOADED, UNAVAILABLE, Listener, RecognitionStream, get_service
 from .vad import BYTES_PER_MS
 
 OVERLOADED_TRANSCRIPT = "[speech not recognised: the local recogniser is at capacity]"
@@ -79,8 +79,8 @@ class SpeechInput:
         loop = asyncio.get_running_loop()
         speech = TurnSpeech(None, final=loop.create_future())
         stream = self.service.open(language or ENGLISH, Listener(loop, on_words, on_final))
-        if stream is None:
-            loop.call_soon(on_final, "", OVERLOADED)
+        if stream is None:  # full, or the worker could not start (then the transcript says unavailable)
+            loop.call_soon(on_final, "", OVERLOADED if self.service.failed_reason is None else UNAVAILABLE)
             return speech
         speech.stream = stream
         keep = min(len(self._preroll), max(speech_ms_ago, 0) * BYTES_PER_MS)

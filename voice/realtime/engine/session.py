@@ -32,6 +32,7 @@ from .protocol import (
     validate_session,
 )  # fmt: skip
 from .recognition import AGREE, SpeechInput, TurnSpeech, newly_stable
+from .stt.service import OK
 from .vad import BYTES_PER_MS, EnergyVad
 
 MIN_COMMIT_BYTES = 100 * BYTES_PER_MS
@@ -88,7 +89,7 @@ class EngineSession:
                 Path(self.config.stt_model_dir), max_streams=self.config.stt_max_streams,
                 max_lag_ms=self.config.stt_max_lag_ms, final_timeout_ms=self.config.stt_final_timeout_ms,
             )  # fmt: skip
-        self._recognising: dict[str, TurnSpeech] = {}  # item id -> turns whose final is pending
+        self._recognising: dict[str, Turn] = {}  # item id -> turns being recognised (final pending)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,8 +116,8 @@ class EngineSession:
             task.cancel()
         if self.active is not None and self.active.task is not None:
             self.active.task.cancel()
-        for speech in list(self._recognising.values()):
-            SpeechInput.cancel(speech)
+        for turn in list(self._recognising.values()):
+            SpeechInput.cancel(turn.speech)
         self._recognising.clear()
 
     def _expire(self) -> None:
@@ -219,7 +220,7 @@ class EngineSession:
                                          lambda text, why: self._recognised(turn, text, why))  # fmt: skip
         if turn.speech is not None:
             turn.transcript = ""
-            self._recognising[turn.item_id] = turn.speech
+            self._recognising[turn.item_id] = turn
 
     def _recognising_words(self, turn: Turn, words: list[str]) -> None:
         """Called with each new hypothesis of the recogniser: stable new words become transcript deltas."""
@@ -242,7 +243,7 @@ class EngineSession:
             return
         self._recognising.pop(turn.item_id, None)
         turn.transcript = SpeechInput.settle(speech, text, reason)
-        turn.known = bool(text) and reason == "ok"
+        turn.known = bool(text) and reason == OK
         entry = self.conversation.by_id.get(turn.item_id)
         if entry is not None:
             entry.text, entry.known_text = turn.transcript, turn.known
@@ -250,8 +251,9 @@ class EngineSession:
             self._transcribe_committed(turn, turn.item)
 
     async def recognition_settled(self) -> None:
-        """Called by a response before reading the question: waits for pending finals (each bounded)."""
-        pending = [s.final for s in self._recognising.values() if s.final is not None]
+        """Called by a response before reading the question: waits for the finals of committed turns (each
+        bounded by `stt_final_timeout_ms`), not for a turn still being spoken."""
+        pending = [t.speech.final for t in self._recognising.values() if t.item is not None and t.speech.final]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
