@@ -27,6 +27,7 @@ needs_speech = pytest.mark.skipif(SPEECH_MISSING is not None, reason=f"speech te
 needs_audio = pytest.mark.skipif(not AUDIO.is_dir(), reason="shared test audio not available")
 MANIFEST = json.loads((AUDIO / "manifest.json").read_text()) if AUDIO.is_dir() else {"files": []}
 ENGLISH = [f for f in MANIFEST["files"] if f["language"] == "en"]
+STREAMING_TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,10 @@ async def _engine(model_dir: Path, **kw) -> LocalUpstream:
     await up.connect()
     assert (await recv(up))["type"] == "session.created"
     await configure(up, transcription=True)
+    # A transcription model that streams while the user speaks (as OpenAI's does), so deltas are due.
+    await send(up, type="session.update", session={"type": "realtime", "audio": {"input": {
+        "transcription": {"model": STREAMING_TRANSCRIPTION_MODEL}}}})  # fmt: skip
+    assert (await recv(up))["type"] == "session.updated"
     if up.session._speech is not None:
         await worker_ready(up.session._speech.service)
     return up
