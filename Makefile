@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export DJANGO_SETTINGS_MODULE := intelia_voice.settings
 
-.PHONY: run test bootstrap redis migrate lint bench clean
+.PHONY: run test bootstrap redis migrate embedded lint bench clean
 
 $(STAMP): $(REQS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,12 +29,17 @@ redis:
 migrate: bootstrap
 	@$(PY) manage.py migrate --noinput -v 0
 
-run: migrate
+# The local engine's optional extras (espeak-ng, requirements/speech.txt when present): see the script.
+embedded: bootstrap
+	@scripts/ensure-embedded.sh
+
+run: migrate embedded
 	@ENABLE_VOICE_REALTIME=$${ENABLE_VOICE_REALTIME:-true} DEBUG=$${DEBUG:-true} $(PY) manage.py voice_demo_setup --host $(HOST) --port $(PORT)
 	@ENABLE_VOICE_REALTIME=$${ENABLE_VOICE_REALTIME:-true} DEBUG=$${DEBUG:-true} $(PY) manage.py voice_serve --host $(HOST) --port $(PORT)
 
 test: bootstrap
 	@scripts/ensure-browser.sh || echo "warning: Chromium unavailable; browser tests will be skipped"
+	@scripts/ensure-command.sh espeak-ng espeak-ng || echo "warning: espeak-ng unavailable; espeak tests will be skipped"
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: bootstrap

@@ -133,9 +133,14 @@ OPENAI_REALTIME_MODEL = env.str("OPENAI_REALTIME_MODEL", default="gpt-realtime")
 VOICE_UPSTREAM = env.str("VOICE_UPSTREAM", default="") or ("openai" if OPENAI_API_KEY else "local")
 VOICE_NAME = env.str("VOICE_NAME", default="marin")
 VOICE_INPUT_LANGUAGE = env.str("VOICE_INPUT_LANGUAGE", default="")  # "" = let the model detect
-VOICE_TRANSCRIPTION_MODEL = env.str("VOICE_TRANSCRIPTION_MODEL", default="gpt-4o-transcribe")
+# gpt-realtime-whisper streams deltas while the user speaks (inline early transcripts, docs/DEPLOYMENT.md).
+VOICE_TRANSCRIPTION_MODEL = env.str("VOICE_TRANSCRIPTION_MODEL", default="gpt-realtime-whisper")
+# gpt-realtime-whisper only: how long it waits before emitting text (minimal|low|medium|high|xhigh; "" = OpenAI's).
+VOICE_TRANSCRIPTION_DELAY = env.str("VOICE_TRANSCRIPTION_DELAY", default="")
 VOICE_PROMPT_FILE = str(BASE_DIR / env.str("VOICE_PROMPT_FILE", default="voice/prompts/system.md"))
 VOICE_INSTRUCTIONS = env.str("VOICE_INSTRUCTIONS", default="")  # overrides the prompt file when set
+VOICE_VAD_TYPE = env.str("VOICE_VAD_TYPE", default="server_vad")  # server_vad | semantic_vad (plans override)
+VOICE_VAD_EAGERNESS = env.str("VOICE_VAD_EAGERNESS", default="auto")  # semantic_vad: auto | low | medium | high
 VOICE_VAD_THRESHOLD = env.float("VOICE_VAD_THRESHOLD", default=0.5)
 VOICE_VAD_SILENCE_MS = env.int("VOICE_VAD_SILENCE_MS", default=500)
 VOICE_VAD_PREFIX_MS = env.int("VOICE_VAD_PREFIX_MS", default=300)
@@ -163,7 +168,7 @@ LOCAL_ENGINE_TRANSCRIPT_DELAY_MS = env.int("LOCAL_ENGINE_TRANSCRIPT_DELAY_MS", d
 LOCAL_ENGINE_SCRIPT = env.str("LOCAL_ENGINE_SCRIPT", default="")  # path to a JSON list of transcripts
 LOCAL_ENGINE_SPEED = env.float("LOCAL_ENGINE_SPEED", default=8.0)  # audio streamed N× real time
 LOCAL_ENGINE_TTS = env.str("LOCAL_ENGINE_TTS", default="auto")  # auto | espeak | tone
-# Transcript deltas during speech in script mode (default: on when a script is set). False is OpenAI-like.
+# Scripted transcript deltas during speech; unset: only when the session's transcription model streams (as OpenAI).
 LOCAL_ENGINE_PARTIAL_TRANSCRIPTS = env.bool("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", default=None)
 # Offline speech recognition of spoken turns (requirements/speech.txt): auto | off. The domain language
 # model lives in LOCAL_ENGINE_STT_MODEL_DIR, rebuilt by voice_ingest (built from voice/knowledge if absent).
@@ -202,25 +207,58 @@ RAG_WAIT_TIMEOUT_MS = env.int("RAG_WAIT_TIMEOUT_MS", default=200)
 RAG_REQUERY_DEBOUNCE_MS = env.int("RAG_REQUERY_DEBOUNCE_MS", default=150)
 RAG_TOP_K = env.int("RAG_TOP_K", default=3)
 RAG_QUERY_TIMEOUT_S = env.float("RAG_QUERY_TIMEOUT_S", default=2.0)
-EARLY_TRANSCRIPTION = env.str("EARLY_TRANSCRIPTION", default="off")  # off | openai
+# auto: inline when the session's transcription model streams (gpt-realtime-whisper), else off;
+# inline: the conversation session's own transcript deltas; openai: a second, transcription-only session.
+EARLY_TRANSCRIPTION = env.str("EARLY_TRANSCRIPTION", default="auto")  # auto | inline | openai | off
 EARLY_TRANSCRIPTION_SLICE_MS = env.int("EARLY_TRANSCRIPTION_SLICE_MS", default=600)
 WEAVIATE_URL = env.str("WEAVIATE_URL", default="")
 WEAVIATE_API_KEY = env.str("WEAVIATE_API_KEY", default="")
 WEAVIATE_COLLECTION = env.str("WEAVIATE_COLLECTION", default="InteliaKnowledge")
 
 # --- Cost: USD per 1M tokens, per model (prices change: keep them here, not in code) ------------
+# A model without a row is refused (system check voice.E001 at start-up, validation error on a plan save).
+# Rows checked 2026-12-03 against openai.com/api/pricing as reported by public sources for late 2026 and the
+# OpenAI Python SDK 3.60.0 model list. ESTIMATE marks a row whose prices were not published in what we could
+# read: it copies its closest sibling's row and must be corrected from the pricing page before relying on it.
+_REALTIME = {"text_in": 4.00, "text_cached": 0.40, "text_out": 16.00,
+             "audio_in": 32.00, "audio_cached": 0.40, "audio_out": 64.00}
+_REALTIME_MINI = {"text_in": 0.60, "text_cached": 0.30, "text_out": 2.40,
+                  "audio_in": 10.00, "audio_cached": 0.30, "audio_out": 20.00}
+_REALTIME_2 = {**_REALTIME, "text_out": 24.00}  # gpt-realtime-2 (7 May 2026): text output $24/1M
+_PREVIEW = {"text_in": 5.00, "text_cached": 2.50, "text_out": 20.00,
+            "audio_in": 40.00, "audio_cached": 2.50, "audio_out": 80.00}
 VOICE_PRICES = {
-    "gpt-realtime": {"text_in": 4.00, "text_cached": 0.40, "text_out": 16.00,
-                     "audio_in": 32.00, "audio_cached": 0.40, "audio_out": 64.00},
-    "gpt-realtime-1.5": {"text_in": 4.00, "text_cached": 0.40, "text_out": 16.00,
-                         "audio_in": 32.00, "audio_cached": 0.40, "audio_out": 64.00},
-    "gpt-realtime-2": {"text_in": 4.00, "text_cached": 0.40, "text_out": 24.00,
-                       "audio_in": 32.00, "audio_cached": 0.40, "audio_out": 64.00},
-    "gpt-4o-realtime-preview": {"text_in": 5.00, "text_cached": 2.50, "text_out": 20.00,
-                                "audio_in": 40.00, "audio_cached": 2.50, "audio_out": 80.00},
-    "gpt-realtime-mini": {"text_in": 0.60, "text_cached": 0.30, "text_out": 2.40,
-                          "audio_in": 10.00, "audio_cached": 0.30, "audio_out": 20.00},
+    "gpt-realtime": _REALTIME,
+    "gpt-realtime-2025-08-28": _REALTIME,
+    "gpt-realtime-1.5": _REALTIME,
+    "gpt-realtime-2": _REALTIME_2,
+    "gpt-realtime-2.1": _REALTIME_2,  # ESTIMATE: gpt-realtime-2's row
+    "gpt-realtime-mini": _REALTIME_MINI,
+    "gpt-realtime-mini-2025-10-06": _REALTIME_MINI,
+    "gpt-realtime-mini-2025-12-15": _REALTIME_MINI,
+    "gpt-realtime-2.1-mini": _REALTIME_MINI,  # ESTIMATE: gpt-realtime-mini's row
+    "gpt-4o-realtime-preview": _PREVIEW,
+    "gpt-4o-mini-realtime-preview": _REALTIME_MINI,
 }
+# Input transcription, USD per 1M tokens (audio in, text in, text out) and per minute (duration-billed).
+VOICE_TRANSCRIPTION_PRICES = {
+    "gpt-4o-transcribe": {"audio_in": 6.00, "text_in": 2.50, "text_out": 10.00, "per_minute": 0.006},
+    "gpt-4o-mini-transcribe": {"audio_in": 3.00, "text_in": 1.25, "text_out": 5.00, "per_minute": 0.003},
+    "whisper-1": {"audio_in": 0.0, "text_in": 0.0, "text_out": 0.0, "per_minute": 0.006},
+    # ESTIMATE: gpt-4o-transcribe's row (streams deltas during speech inside the conversation session).
+    "gpt-realtime-whisper": {"audio_in": 6.00, "text_in": 2.50, "text_out": 10.00, "per_minute": 0.006},
+}
+# Announced shutdown dates (source: the deprecation notes in the OpenAI Python SDK 3.60.0 realtime types,
+# checked 2026-12-03; the legacy preview models per the public deprecations page as reported for late 2026).
+# `voice_health` warns for a configured model within VOICE_MODEL_SHUTDOWN_WARN_DAYS of its date.
+VOICE_MODEL_SHUTDOWNS = {
+    **dict.fromkeys(("gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini",
+                     "gpt-realtime-mini-2025-12-15", "gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview",
+                     "gpt-audio-mini", "gpt-audio-mini-2025-12-15"), "2027-01-20"),
+    **dict.fromkeys(("whisper-1", "gpt-4o-mini-transcribe", "gpt-4o-mini-transcribe-2025-12-15",
+                     "gpt-4o-transcribe", "gpt-4o-transcribe-diarize"), "2027-02-26"),
+}
+VOICE_MODEL_SHUTDOWN_WARN_DAYS = env.int("VOICE_MODEL_SHUTDOWN_WARN_DAYS", default=60)
 
 # --- Rollout KPI gate thresholds -------------------------------------------------------------------
 VOICE_KPI_FIRST_AUDIO_P95_MS = env.float("VOICE_KPI_FIRST_AUDIO_P95_MS", default=800)

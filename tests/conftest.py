@@ -195,11 +195,16 @@ def engine_spy(monkeypatch):
 # --- Whole-suite secret scan -------------------------------------------------------------------------
 # Logs, Sentry envelopes and server responses of the whole suite are recorded under var/test-logs/ and
 # searched for anything secret-shaped at the end (tests/secret_scan.py): a hit fails the run.
-from tests import secret_scan  # noqa: E402
+from tests import sdk_conformance, secret_scan  # noqa: E402
+
+# --- Whole-suite SDK conformance ------------------------------------------------------------------------
+# Every event the gateway sends upstream and every event the local engine emits is sampled and validated
+# against the OpenAI SDK's realtime types at the end (tests/sdk_conformance.py): a problem fails the run.
 
 
 def pytest_sessionstart(session) -> None:
     secret_scan.start()
+    sdk_conformance.start()
 
 
 @pytest.fixture(autouse=True)
@@ -210,3 +215,4 @@ def _secret_scan_handler():
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     secret_scan.finish(session)
+    sdk_conformance.finish(session)

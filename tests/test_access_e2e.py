@@ -30,9 +30,9 @@ def upstream_count(monkeypatch):
     opened = []
     original = consumers.make_upstream
 
-    def counting():
+    def counting(model=None):
         opened.append(1)
-        return original()
+        return original(model)
 
     monkeypatch.setattr(consumers, "make_upstream", counting)
     return opened

@@ -4,6 +4,7 @@ Redis), voice_sessions, voice_cleanup, voice_health."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -82,6 +83,24 @@ def test_rollout_beta_add_creates_unknown_users_and_remove():
         run("voice_rollout", "--remove-beta", external)
     with pytest.raises(CommandError, match="unknown user"):
         run("voice_rollout", "--remove-beta", "never-seen-" + external)
+
+
+def test_rollout_enable_percent_and_beta_in_one_call(sent):
+    VoiceRollout.objects.update_or_create(pk=1, defaults={"voice_enabled": False, "percentage": 0})
+    alice = unique_user("alice")
+    out = run("voice_rollout", "--enable", "--percent", "10", "--add-beta", alice, "--add-beta", "bob-" + alice)
+    rollout = VoiceRollout.objects.get(pk=1)
+    assert (rollout.voice_enabled, rollout.percentage) == (True, 10)
+    assert BetaUser.objects.filter(user__username__in=[alice, "bob-" + alice]).count() == 2
+    assert "Kill switch released" in out and "10 %" in out and "Beta users:  2" in out
+    messages = set(LogEntry.objects.filter(object_id="1").values_list("change_message", flat=True))
+    assert {"kill switch released", "percentage 10%", f"beta list: added {alice}"} <= messages
+    # Everything is checked before anything changes: a bad user leaves the percentage alone.
+    with pytest.raises(CommandError, match="unknown user"):
+        run("voice_rollout", "--percent", "20", "--remove-beta", "never-seen-" + alice)
+    assert VoiceRollout.objects.get(pk=1).percentage == 10
+    with pytest.raises(CommandError, match="does not combine"):
+        run("voice_rollout", "--check", "--percent", "20")
 
 
 def test_rollout_check_exit_status(settings):
@@ -236,6 +255,29 @@ def test_health_ok_with_real_redis(settings):
     assert report["ok"] is True
     assert report["checks"]["redis"]["status"] == "ok"
     assert report["checks"]["upstream"]["status"] == "ok"
+
+
+def test_health_shows_each_plans_model_and_warns_before_a_shutdown(settings):
+    import datetime as dt
+
+    settings.RAG_BACKEND = "off"
+    settings.OPENAI_REALTIME_MODEL = "gpt-realtime-2"
+    today = dt.date.today()
+    settings.VOICE_MODEL_SHUTDOWNS = {"gpt-realtime-mini": (today + dt.timedelta(days=59)).isoformat(),
+                                      "gpt-realtime-2": (today + dt.timedelta(days=61)).isoformat()}
+    PlanAccess.objects.filter(code="elite").update(realtime_model="gpt-realtime-mini")
+    out = run("voice_health")
+    assert "WARN" in out and "gpt-realtime-mini shuts down on" in out and "(59 days)" in out
+    table = out.split("Models per plan")[1]
+    assert re.search(r"elite\s+on\s+gpt-realtime-mini\s", table)
+    assert re.search(r"pro\s+off\s+gpt-realtime-2\s", table)  # the environment default
+    report = json.loads(run("voice_health", "--json"))
+    assert report["ok"] is True and report["checks"]["models"]["status"] == "warn"
+    with pytest.raises(CommandError, match="models"):
+        run("voice_health", "--strict")
+    settings.VOICE_PRICES = {k: v for k, v in settings.VOICE_PRICES.items() if k != "gpt-realtime-mini"}
+    with pytest.raises(CommandError, match="models"):
+        run("voice_health")
 
 
 def test_health_fails_when_redis_or_upstream_is_down_without_leaking_secrets(settings):

@@ -90,7 +90,7 @@ async def configure(
     up: LocalUpstream,
     *,
     create_response: bool = False,
-    transcription: bool = True,
+    transcription: bool | str = True,
     turn_detection: bool = True,
     **extra: Any,
 ) -> dict:
@@ -111,7 +111,8 @@ async def configure(
         "audio": {
             "input": {
                 "format": {"type": "audio/pcm", "rate": 24000},
-                "transcription": {"model": "gpt-4o-transcribe"} if transcription else None,
+                "transcription": {"model": transcription if isinstance(transcription, str) else "gpt-4o-transcribe"}
+                if transcription else None,
                 "turn_detection": td if turn_detection else None,
             }
         },
@@ -254,8 +255,16 @@ async def test_create_response_true_answers_automatically() -> None:
 
 
 @needs_audio
-async def test_partial_transcripts_arrive_during_speech() -> None:
-    up = await start(cfg(script=[QUESTION, "second"]), transcription=True)
+async def test_partial_transcripts_arrive_during_speech_with_a_streaming_transcription_model() -> None:
+    """gpt-realtime-whisper streams the transcript while the user speaks; gpt-4o-transcribe only after
+    the commit (OpenAI's behaviour, reproduced by default: LOCAL_ENGINE_PARTIAL_TRANSCRIPTS unset)."""
+    up = await start(cfg(script=[QUESTION]), transcription="gpt-4o-transcribe")
+    await stream(up, SPEECH[1])
+    kinds = types(await drain(up))
+    assert "conversation.item.input_audio_transcription.delta" not in kinds[:kinds.index(
+        "input_audio_buffer.speech_stopped")]
+
+    up = await start(cfg(script=[QUESTION, "second"]), transcription="gpt-realtime-whisper")
     await stream(up, SPEECH[1])
     events = await drain(up)
     kinds = types(events)

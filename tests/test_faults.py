@@ -25,8 +25,8 @@ def upstreams(monkeypatch):
     created: list[LocalUpstream] = []
     configs: list[EngineConfig] = []
 
-    def factory() -> LocalUpstream:
-        upstream = LocalUpstream(configs.pop(0) if configs else EngineConfig())
+    def factory(model: str | None = None) -> LocalUpstream:
+        upstream = LocalUpstream(configs.pop(0) if configs else EngineConfig(), model=model)
         created.append(upstream)
         return upstream
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import AUDIO, needs_audio
 from tests.live import LiveServer, VoiceClient, read_wav
-from voice.models import VoiceTurn
+from voice.models import VoiceSession, VoiceTurn
 
 pytestmark = [pytest.mark.django_db(transaction=True), needs_audio]
 
@@ -149,3 +149,70 @@ async def test_parallel_transcription_session_starts_retrieval_during_speech(liv
         assert turn.retrieval_started_ms is not None and turn.retrieval_started_ms < turn.speech_ms
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("mode", "transcription_model", "sockets"), [
+    ("inline", "gpt-realtime-whisper", 1),  # the conversation session's own deltas during speech
+    ("openai", "gpt-4o-transcribe", 2),  # OpenAI-like late transcripts + the transcription-only session
+])
+async def test_early_transcription_over_real_sockets(live_db, scripted, settings, token_for, monkeypatch,
+                                                     mode, transcription_model, sockets) -> None:
+    """Both early-transcription paths against the engine's WebSocket server as the "openai" upstream: the
+    prefetch starts before the end of speech, the turn end waits at most RAG_WAIT_TIMEOUT_MS, and inline
+    needs one upstream socket per session where openai needs two."""
+    import asyncio
+
+    from voice.realtime.engine import server as engine_server
+
+    paths: list[str] = []
+    handle = engine_server._handle
+
+    async def counting(config, ws) -> None:
+        paths.append(ws.request.path)
+        await handle(config, ws)
+
+    monkeypatch.setattr(engine_server, "_handle", counting)
+    settings.EARLY_TRANSCRIPTION = "auto" if mode == "inline" else mode  # auto picks inline for this model
+    settings.EARLY_TRANSCRIPTION_SLICE_MS = 500
+    settings.VOICE_TRANSCRIPTION_MODEL = transcription_model
+    engine = engine_server.EngineServerThread().start()
+    settings.VOICE_UPSTREAM, settings.OPENAI_REALTIME_URL = "openai", engine.url
+    settings.OPENAI_API_KEY = "local-engine-key"
+    server = LiveServer().start()
+    try:
+        client = await VoiceClient.open(server.ws_url, token=token_for())
+        ready = await client.wait_for("gateway.session.ready")
+        assert ready["upstream"] == "openai"
+        context = await _spoken_turn(client, "en_brooding_temperature.wav")
+        assert context["injected"] is True
+        kinds = [e["type"] for e in client.events]
+        early_deltas = "conversation.item.input_audio_transcription.delta" in kinds[
+            :kinds.index("input_audio_buffer.speech_stopped")]
+        assert early_deltas is (mode == "inline")
+        await client.close()
+        await asyncio.sleep(0.5)
+        turn = await VoiceTurn.objects.aget(session_id=ready["session_id"], index=0)
+        assert turn.retrieval_started_ms is not None and turn.retrieval_started_ms < turn.speech_ms
+        assert turn.retrieval_waited_ms is not None and turn.retrieval_waited_ms <= settings.RAG_WAIT_TIMEOUT_MS
+        # Cost: the response and the conversation's own transcription; "openai" also pays its slices.
+        from voice.realtime.accounting import cost_from_usage, transcription_cost
+
+        one_session = sum(cost_from_usage(e["response"]["usage"], settings.OPENAI_REALTIME_MODEL)
+                          for e in client.seen("response.done")) + sum(
+            transcription_cost(e["usage"], transcription_model)
+            for e in client.seen("conversation.item.input_audio_transcription.completed"))
+        for _ in range(100):  # the end record is written after the socket closes
+            row = await VoiceSession.objects.filter(pk=ready["session_id"], ended_at__isnull=False).afirst()
+            if row is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert row is not None
+        if mode == "inline":
+            assert float(row.cost_usd) == pytest.approx(one_session, abs=1e-6)
+        else:
+            assert float(row.cost_usd) > one_session + 1e-6
+    finally:
+        server.stop()
+        engine.stop()
+    assert len(paths) == sockets, paths
+    assert ["intent=transcription" in path for path in paths] == [False, True][:sockets]

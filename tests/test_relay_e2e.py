@@ -190,8 +190,8 @@ async def test_upstream_crash_closes_4502_within_a_second_and_persists(gateway, 
 
     upstreams: list[LocalUpstream] = []
 
-    def factory() -> LocalUpstream:
-        upstreams.append(LocalUpstream())
+    def factory(model: str | None = None) -> LocalUpstream:
+        upstreams.append(LocalUpstream(model=model))
         return upstreams[-1]
 
     monkeypatch.setattr(consumers, "make_upstream", factory)

@@ -117,11 +117,17 @@ class ReadOnlyMixin:
 @admin.register(PlanAccess)
 class PlanAccessAdmin(admin.ModelAdmin):
     list_display = ("code", "name", "voice_enabled", "sessions_per_hour", "max_session_seconds",
-                    "monthly_budget_usd", "active_subscribers", "spend_this_month")
+                    "monthly_budget_usd", "active_subscribers", "realtime_model", "spend_this_month")
     list_editable = ("voice_enabled", "sessions_per_hour", "max_session_seconds", "monthly_budget_usd",
                      "active_subscribers")
     list_display_links = ("code",)
     search_fields = ("code", "name")
+    fieldsets = (
+        (None, {"fields": ("code", "name", "voice_enabled", "sessions_per_hour", "max_session_seconds",
+                           "monthly_budget_usd", "active_subscribers")}),
+        ("OpenAI models and voice (empty: the environment default)", {
+            "fields": ("realtime_model", "transcription_model", "voice", "vad_type", "vad_eagerness")}),
+    )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PlanAccess]:
         """Called by the admin for lists and forms: plans with their month spend."""

@@ -12,6 +12,8 @@ class VoiceConfig(AppConfig):
         """Called once by Django at start-up."""
         import redis.utils
 
+        from voice import checks  # noqa: F401 - registers the system checks
+
         # redis-py reads its own version from the installed package's metadata (an email-format parse,
         # ~5 ms) for every new pooled connection. A burst of session ends grows the pools of SharedState
         # and channels-redis by dozens of connections at once: that parse stalled the event loop (and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -32,6 +33,7 @@ from voice.realtime.client_events import (
     fast_append_audio_bytes,
     parse_client_frame,
 )
+from voice.realtime.models_catalog import early_transcription_mode
 from voice.realtime.openai_upstream import make_upstream, upstream_kind
 from voice.realtime.session import GatewaySession
 from voice.realtime.upstream import UpstreamConnectError
@@ -160,19 +162,22 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self.deadline = time.monotonic() + meta.remaining_s
         self.warned = False
         self.instance = registry.instance_id()
+        profile = admission.plan.realtime  # the plan's models and voice (validated when the plan was saved)
         prefetcher = _make_prefetcher()
         early = None
-        if prefetcher is not None and settings.EARLY_TRANSCRIPTION == "openai":
+        if prefetcher is not None and early_transcription_mode(profile.transcription_model) == "openai":
             from voice.realtime.early_transcription import EarlyTranscriber
 
-            early = EarlyTranscriber(prefetcher.on_partial_transcript)
+            early = EarlyTranscriber(prefetcher.on_partial_transcript, profile.transcription_model)
         self.session = GatewaySession(
             session_id=meta.session_id, send_client=self._send_text, listener=self,
             # The server's own write: nothing between the upstream's callback and the client's socket.
             send_client_nowait=self._fastpath["send_text_nowait"] if self._fastpath else None,
-            upstream_factory=make_upstream, prefetcher=prefetcher, early=early, history=meta.history,
-            turn_offset=meta.turns,
+            upstream_factory=functools.partial(make_upstream, profile.model), prefetcher=prefetcher,
+            early=early, history=meta.history, turn_offset=meta.turns, profile=profile,
         )
+        if early is not None:  # the second session's transcriptions are billed too
+            early.on_usage = functools.partial(self.session.stats.add_transcription, model=profile.transcription_model)
         registry.register(self)
         metrics.ACTIVE_SESSIONS.inc()
         self._counted_active = True
@@ -197,7 +202,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         await session_services.session_meta_save(meta)
         await run_db_write(session_services.voice_session_start,
             meta=meta, user_pk=self.admission.user.pk, upstream=self.session.upstream_kind,
-            instance=self.instance,
+            instance=self.instance, model=self.session.model,
         )
         if not self.resumed:
             await access_count_session_start(identity=self.identity, plan=self.admission.plan)
@@ -370,7 +375,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         record = session_services.session_end_record(
             meta=meta, stats=session.stats, user_pk=self.admission.user.pk,
             upstream=session.upstream_kind or upstream_kind(), instance=self.instance,
-            end_reason=reason, close_code=close_code, error=error, connected_s=connected,
+            end_reason=reason, close_code=close_code, error=error, connected_s=connected, model=session.model,
         )
         await run_db_write(session_services.voice_session_end, record)
         metrics.record_session_end(

@@ -28,11 +28,43 @@ class PlanAccess(models.Model):
     active_subscribers = models.PositiveIntegerField(
         null=True, blank=True, help_text="Kept current by the main application; the adoption KPI divides by it."
     )
+    # The OpenAI side of the plan's sessions; blank: the environment default. A model needs a price row.
+    realtime_model = models.CharField(
+        max_length=64, blank=True, help_text="Empty: OPENAI_REALTIME_MODEL. Must have a price row (VOICE_PRICES)."
+    )
+    transcription_model = models.CharField(
+        max_length=64, blank=True,
+        help_text="Empty: VOICE_TRANSCRIPTION_MODEL. Must have a price row (VOICE_TRANSCRIPTION_PRICES); "
+                  "gpt-realtime-whisper streams the transcript while the user speaks.",
+    )
+    voice = models.CharField(max_length=32, blank=True, help_text="Empty: VOICE_NAME (e.g. marin, cedar).")
+    vad_type = models.CharField(
+        max_length=16, blank=True, choices=[("server_vad", "server_vad"), ("semantic_vad", "semantic_vad")],
+        help_text="Empty: VOICE_VAD_TYPE.",
+    )
+    vad_eagerness = models.CharField(
+        max_length=8, blank=True, choices=[(e, e) for e in ("auto", "low", "medium", "high")],
+        help_text="semantic_vad only. Empty: VOICE_VAD_EAGERNESS.",
+    )
 
     class Meta:
         ordering = ["code"]
         verbose_name = "plan access"
         verbose_name_plural = "plan access"
+
+    def clean(self) -> None:
+        """Called by full_clean (admin forms, `voice_plans --set`): refuse models without a price row."""
+        from django.core.exceptions import ValidationError
+
+        from voice.realtime.models_catalog import realtime_model_problem, transcription_model_problem
+
+        errors = {}
+        if self.realtime_model and (problem := realtime_model_problem(self.realtime_model)):
+            errors["realtime_model"] = problem
+        if self.transcription_model and (problem := transcription_model_problem(self.transcription_model)):
+            errors["transcription_model"] = problem
+        if errors:
+            raise ValidationError(errors)
 
     def __str__(self) -> str:
         return f"{self.name} ({'voice' if self.voice_enabled else 'no voice'})"

@@ -6,14 +6,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.conf import settings
+from voice.realtime.models_catalog import realtime_price_row, transcription_price_row
 
 
 def cost_from_usage(usage: dict[str, Any] | None, model: str) -> float:
-    """USD cost of one response's usage; cached input tokens are priced as cached."""
+    """USD cost of one response's usage at `model`'s own price row (UnpricedModel without one); cached input
+    tokens are priced as cached."""
     if not usage:
         return 0.0
-    prices = settings.VOICE_PRICES.get(model) or settings.VOICE_PRICES["gpt-realtime"]
+    prices = realtime_price_row(model)
     tokens = usage_tokens(usage)
     total = (
         (tokens["input_text_tokens"] - tokens["cached_text_tokens"]) * prices["text_in"]
@@ -24,6 +25,22 @@ def cost_from_usage(usage: dict[str, Any] | None, model: str) -> float:
         + tokens["output_audio_tokens"] * prices["audio_out"]
     )
     return total / 1_000_000
+
+
+def transcription_cost(usage: dict[str, Any] | None, model: str) -> float:
+    """USD cost of one input transcription (the `usage` of `…input_audio_transcription.completed`): tokens,
+    or seconds for duration-billed models, at `model`'s own row (UnpricedModel without one)."""
+    if not usage:
+        return 0.0
+    prices = transcription_price_row(model)
+    if usage.get("type") == "duration":
+        return float(usage.get("seconds") or 0) / 60 * prices["per_minute"]
+    details = usage.get("input_token_details") or {}
+    return (
+        int(details.get("audio_tokens") or 0) * prices["audio_in"]
+        + int(details.get("text_tokens") or 0) * prices["text_in"]
+        + int(usage.get("output_tokens") or 0) * prices["text_out"]
+    ) / 1_000_000
 
 
 def usage_tokens(usage: dict[str, Any]) -> dict[str, int]:
@@ -129,3 +146,10 @@ class SessionStats:
         cost = cost_from_usage(usage, model)
         self.cost_usd += cost
         return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0), cost
+
+    def add_transcription(self, usage: dict[str, Any] | None, model: str) -> float:
+        """Called on each completed input transcription (conversation session, and the second session of
+        early transcription "openai"): its cost goes to the session, not to a turn (turns cost responses)."""
+        cost = transcription_cost(usage, model)
+        self.cost_usd += cost
+        return cost

@@ -1,14 +1,16 @@
 """Early transcript while the user speaks: a parallel transcription-only upstream session.
 
-OpenAI's input transcription of the conversation session starts only after the turn is committed, too
-late to search the knowledge base while the user speaks (Option B). With EARLY_TRANSCRIPTION=openai the
+With a streaming transcription model (gpt-realtime-whisper) the conversation session itself sends
+transcript deltas during speech (early transcription mode "inline": nothing here is used). Other models
+transcribe the turn only after it is committed, too late to search the knowledge base while the user
+speaks (Option B). With EARLY_TRANSCRIPTION=openai the
 gateway opens a second, transcription-only session (`?intent=transcription`, GA `session.type:
 "transcription"`, no turn detection), copies the user's audio into it, and commits it in short slices
 (EARLY_TRANSCRIPTION_SLICE_MS) while the conversation session's VAD says the user is speaking. Each slice's
 `…input_audio_transcription.completed` extends the partial transcript handed to the prefetcher.
 
 It is an optimisation: any failure here disables it for the session and never affects the conversation.
-It costs a second transcription of the user's speech (gpt-4o-transcribe pricing).
+It costs a second transcription of the user's speech and a second socket (docs/DEPLOYMENT.md, section 11).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from django.conf import settings
 
+from voice.realtime import protocol_tap
 from voice.realtime.client_events import dump_event
 from voice.realtime.session_config import input_transcription
 from voice.realtime.upstream import Upstream, UpstreamError
@@ -32,7 +35,7 @@ IDLE_CLEAR_MS = 3000  # silence between turns is dropped, not transcribed
 
 
 def transcription_upstream() -> Upstream:
-    """The transcription-only upstream for the configured VOICE_UPSTREAM."""
+    """The transcription-only upstream for the configured VOICE_UPSTREAM (`?intent=transcription`)."""
     from voice.realtime.openai_upstream import OpenAIUpstream, upstream_kind, upstream_url
 
     if upstream_kind() == "local":
@@ -43,7 +46,7 @@ def transcription_upstream() -> Upstream:
     return OpenAIUpstream(url=upstream_url() + "&intent=transcription")
 
 
-def transcription_session_update() -> dict[str, Any]:
+def transcription_session_update(model: str) -> dict[str, Any]:
     """GA session.update of a transcription-only session with manual commits."""
     return {
         "type": "session.update",
@@ -52,7 +55,7 @@ def transcription_session_update() -> dict[str, Any]:
             "audio": {
                 "input": {
                     "format": {"type": "audio/pcm", "rate": 24000},
-                    "transcription": input_transcription(),
+                    "transcription": input_transcription(model),
                     "noise_reduction": {"type": "near_field"},
                     "turn_detection": None,
                 }
@@ -64,9 +67,11 @@ def transcription_session_update() -> dict[str, Any]:
 class EarlyTranscriber:
     """Feeds a transcription-only session and reports the growing transcript of the current turn."""
 
-    def __init__(self, on_transcript: Callable[[str], None],
+    def __init__(self, on_transcript: Callable[[str], None], transcription_model: str,
                  upstream_factory: Callable[[], Upstream] = transcription_upstream) -> None:
         self.on_transcript = on_transcript
+        self.transcription_model = transcription_model
+        self.on_usage: Callable[[dict[str, Any]], Any] | None = None  # each slice's usage, for the session cost
         self.upstream_factory = upstream_factory
         self.upstream: Upstream | None = None
         self.ready = False
@@ -126,6 +131,8 @@ class EarlyTranscriber:
     async def _send_text(self, text: str) -> None:
         if self.upstream is None or self.failed:
             return
+        if protocol_tap.gateway_sent is not None:
+            protocol_tap.gateway_sent(text)
         try:
             await self.upstream.send(text)
         except UpstreamError as exc:
@@ -138,11 +145,13 @@ class EarlyTranscriber:
                 event = json.loads(await self.upstream.recv())
                 kind = event.get("type")
                 if kind == "session.created":
-                    await self._send(transcription_session_update())
+                    await self._send(transcription_session_update(self.transcription_model))
                 elif kind in ("session.updated", "transcription_session.updated"):
                     self.ready = True
-                elif kind == "conversation.item.input_audio_transcription.completed" and self.speaking:
-                    piece = str(event.get("transcript") or "").strip()
+                elif kind == "conversation.item.input_audio_transcription.completed":
+                    if self.on_usage is not None:
+                        self.on_usage(event.get("usage"))
+                    piece = str(event.get("transcript") or "").strip() if self.speaking else ""
                     if piece:
                         self.text = f"{self.text} {piece}".strip()
                         self.on_transcript(self.text)

@@ -38,11 +38,12 @@ _SOCKET_RCVBUF_BYTES = 128 * 1024  # the kernel doubles it: 256 KB, ~4 s of assi
 _TEXT = WSMsgType.TEXT
 
 
-def upstream_url() -> str:
-    """OPENAI_REALTIME_URL?model=OPENAI_REALTIME_MODEL."""
+def upstream_url(model: str | None = None) -> str:
+    """OPENAI_REALTIME_URL?model=… (the session's model, default OPENAI_REALTIME_MODEL). GA fixes the model
+    at the handshake: `session.update` may not change it."""
     base = settings.OPENAI_REALTIME_URL
     separator = "&" if "?" in base else "?"
-    return f"{base}{separator}{urlencode({'model': settings.OPENAI_REALTIME_MODEL})}"
+    return f"{base}{separator}{urlencode({'model': model or settings.OPENAI_REALTIME_MODEL})}"
 
 
 async def _connect_socket(url: WSParsedURL) -> socket.socket:
@@ -250,10 +251,11 @@ def upstream_kind() -> str:
     return "local" if settings.VOICE_UPSTREAM == "local" else "openai"
 
 
-def make_upstream() -> Upstream:
-    """The upstream configured by VOICE_UPSTREAM: OpenAI (or a URL speaking its protocol) or the local engine."""
+def make_upstream(model: str | None = None) -> Upstream:
+    """The upstream configured by VOICE_UPSTREAM for a session of `model` (default OPENAI_REALTIME_MODEL):
+    OpenAI (or a URL speaking its protocol) or the local engine."""
     if upstream_kind() == "local":
         from voice.realtime.engine.upstream import LocalUpstream
 
-        return LocalUpstream()
-    return OpenAIUpstream()
+        return LocalUpstream(model=model)
+    return OpenAIUpstream(url=upstream_url(model))

@@ -23,8 +23,10 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from voice import metrics
+from voice.realtime import protocol_tap
 from voice.realtime.accounting import SessionStats, TurnStats
 from voice.realtime.client_events import ClientEvent, dump_event
+from voice.realtime.profile import RealtimeProfile
 from voice.realtime.upstream import Upstream, UpstreamClosed, UpstreamConnectError
 from voice.realtime.upstream_events import CONTEXT_ITEM_PREFIX, GATEWAY_EVENT_PREFIX, UpstreamEventHandlers
 
@@ -57,6 +59,7 @@ class GatewaySession(UpstreamEventHandlers):
         early: Any = None,
         history: list[dict[str, str]] | None = None,
         turn_offset: int = 0,
+        profile: RealtimeProfile | None = None,
     ) -> None:
         self.session_id = session_id
         self.send_client = send_client
@@ -64,10 +67,11 @@ class GatewaySession(UpstreamEventHandlers):
         self.listener = listener
         self.upstream_factory = upstream_factory
         self.prefetcher = prefetcher
-        self.early = early  # EarlyTranscriber (EARLY_TRANSCRIPTION=openai) or None
+        self.early = early  # EarlyTranscriber (early transcription mode "openai") or None
         self.history: list[dict[str, str]] = list(history or [])
         self.turn_offset = turn_offset
-        self.model = settings.OPENAI_REALTIME_MODEL
+        self.profile = profile or RealtimeProfile.resolve()  # models and voice: the plan's
+        self.model = self.profile.model
         self.stats = SessionStats()
         self.upstream: Upstream | None = None
         self.upstream_kind = ""
@@ -146,6 +150,8 @@ class GatewaySession(UpstreamEventHandlers):
     async def _forward(self, text: str) -> None:
         if self.upstream is None:
             return
+        if protocol_tap.gateway_sent is not None:
+            protocol_tap.gateway_sent(text)
         try:
             await self.upstream.send(text)
         except UpstreamClosed:
@@ -160,6 +166,8 @@ class GatewaySession(UpstreamEventHandlers):
         upstream = self.upstream
         if not self.configured or self.early is not None or upstream is None or not upstream.send_nowait(payload):
             return False
+        if protocol_tap.gateway_sent is not None:
+            protocol_tap.gateway_sent(payload)
         self.stats.bytes_in += audio_bytes
         return True
 

@@ -147,7 +147,7 @@ class UpstreamEventHandlers:
         await self.send_client(text)
 
     async def _on_session_created(self, event: dict[str, Any]) -> dict[str, Any]:
-        await self._send_upstream(session_update_event())
+        await self._send_upstream(session_update_event(self.profile))
         return strip_private_session_fields(event)
 
     async def _on_session_updated(self, event: dict[str, Any]) -> dict[str, Any] | bool:
@@ -226,6 +226,7 @@ class UpstreamEventHandlers:
             self.prefetcher.on_partial_transcript(text)
 
     async def _on_transcript_completed(self, event: dict[str, Any]) -> None:
+        self.stats.add_transcription(event.get("usage"), self.profile.transcription_model)
         text = str(event.get("transcript") or "")
         self.partial_transcripts.pop(event.get("item_id") or "", None)
         if self.turn is not None and not self.turn.user_text:

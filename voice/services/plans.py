@@ -24,7 +24,7 @@ from voice.services.users import find_user, plan_cache_clear, plan_policies
 
 KEEP: Any = object()  # "leave this field unchanged" (None means "clear it": use the global default)
 PLAN_FIELDS = ("name", "voice_enabled", "sessions_per_hour", "max_session_seconds", "monthly_budget_usd",
-               "active_subscribers")
+               "active_subscribers", "realtime_model", "transcription_model", "voice", "vad_type", "vad_eagerness")
 
 
 class PlanNotFound(LookupError):

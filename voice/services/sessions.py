@@ -94,7 +94,8 @@ async def session_meta_load(session_id: str) -> SessionMeta | None:
 # --- metrics rows --------------------------------------------------------------------------------------
 
 
-def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str, instance: str) -> None:
+def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str, instance: str,
+                        model: str = "") -> None:
     """Create the session's row when it starts, or count one more connection on resume (sync; ORM)."""
     close_old_connections()
     try:
@@ -103,7 +104,7 @@ def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str
             VoiceSession.objects.create(
                 id=meta.session_id,
                 **_row_defaults(user_pk=user_pk, user_id=meta.user_id, plan=meta.plan, cohort=meta.cohort,
-                                upstream=upstream, instance=instance, started_at=meta.started_at),
+                                upstream=upstream, instance=instance, started_at=meta.started_at, model=model),
             )
     except DatabaseError:
         logger.exception("could not create the session row; it will be created at the end")
@@ -112,12 +113,13 @@ def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str
 
 
 def _row_defaults(*, user_pk: int | None, user_id: str, plan: str, cohort: str, upstream: str, instance: str,
-                  started_at: float) -> dict[str, Any]:
+                  started_at: float, model: str = "") -> dict[str, Any]:
     """The columns a session row is created with, whether at its start or (DB down then) at its end."""
     return {
         "user_id": user_pk, "external_user_id": user_id, "plan": plan, "cohort": cohort, "upstream": upstream,
         "instance": instance, "started_at": datetime.fromtimestamp(started_at, tz=UTC),
-        "model": settings.OPENAI_REALTIME_MODEL if upstream == "openai" else "local",
+        # The model the session was priced at (its plan's); "local:" marks the offline engine standing in.
+        "model": (model or settings.OPENAI_REALTIME_MODEL) if upstream == "openai" else f"local:{model}".rstrip(":"),
     }
 
 
@@ -141,12 +143,12 @@ def voice_session_end(record: dict[str, Any]) -> None:
 
 def session_end_record(
     *, meta: SessionMeta, stats: SessionStats, user_pk: int | None, upstream: str, instance: str,
-    end_reason: str, close_code: int | None, error: str, connected_s: float,
+    end_reason: str, close_code: int | None, error: str, connected_s: float, model: str = "",
 ) -> dict[str, Any]:
     """A JSON-serialisable record of one connection, written by `voice_session_end`."""
     return {
         "id": meta.session_id, "user_pk": user_pk, "user_id": meta.user_id, "plan": meta.plan,
-        "cohort": meta.cohort, "upstream": upstream, "instance": instance,
+        "cohort": meta.cohort, "upstream": upstream, "instance": instance, "model": model,
         "started_at": meta.started_at, "ended_at": time.time(), "duration_s": connected_s,
         "end_reason": end_reason, "close_code": close_code, "error": error[:2000],
         "frames_in": stats.frames_in, "frames_out": stats.frames_out, "bytes_in": stats.bytes_in,
@@ -213,6 +215,7 @@ def _write_record(record: dict[str, Any]) -> None:
             defaults=_row_defaults(
                 user_pk=record["user_pk"], user_id=record["user_id"], plan=record["plan"], cohort=record["cohort"],
                 upstream=record["upstream"], instance=record["instance"], started_at=record["started_at"],
+                model=record.get("model", ""),  # spooled by an older version: no model
             ),
         )
         ended_at = datetime.fromtimestamp(record["ended_at"], tz=UTC)

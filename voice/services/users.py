@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
 
@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from voice.models import PlanAccess, VoiceProfile
+from voice.realtime.profile import RealtimeProfile
 
 SYSTEM_USERNAME = "voice-system"
 PLAN_CACHE_SECONDS = 1.0
@@ -29,6 +30,7 @@ class PlanPolicy:
     sessions_per_hour: int
     max_session_seconds: int
     monthly_budget_usd: float | None
+    realtime: RealtimeProfile = field(default_factory=RealtimeProfile.resolve)  # models and voice
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,10 @@ def plan_policies() -> dict[str, PlanPolicy]:
             sessions_per_hour=plan.sessions_per_hour or settings.MAX_SESSIONS_PER_USER_PER_HOUR,
             max_session_seconds=plan.max_session_seconds or settings.MAX_SESSION_DURATION,
             monthly_budget_usd=float(plan.monthly_budget_usd) if plan.monthly_budget_usd is not None else None,
+            realtime=RealtimeProfile.resolve(
+                model=plan.realtime_model, transcription_model=plan.transcription_model, voice=plan.voice,
+                vad_type=plan.vad_type, vad_eagerness=plan.vad_eagerness,
+            ),
         )
         for plan in PlanAccess.objects.all()
     }

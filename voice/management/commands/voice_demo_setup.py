@@ -12,6 +12,11 @@ from voice.services.users import user_for_identity
 DEMO_USER = "demo-user"
 
 
+def demo_url(base: str, token: str) -> str:
+    """The demo page URL carrying `token` in its fragment, which demo.js reads and then removes."""
+    return f"{base}/voice/demo/#token={token}"
+
+
 class Command(BaseCommand):
     help = "Create the demo user on the Elite plan (beta list) and print the demo URL and a dev token."
 
@@ -36,7 +41,9 @@ class Command(BaseCommand):
                           if settings.VOICE_UPSTREAM == "local" else f"  upstream:    {settings.VOICE_UPSTREAM}")
         self.stdout.write(f"  health:      {base}/v1/voice/health")
         self.stdout.write(f"  admin:       {base}/admin/  (python manage.py createsuperuser)")
-        self.stdout.write(f"  demo:        {base}/voice/demo/")
+        # The token rides in the URL fragment: browsers never send it, so it stays out of server logs.
+        self.stdout.write(f"  demo:        {demo_url(base, token)}")
+        self.stdout.write("               (opens signed in as the demo user; or paste the token below)")
         self.stdout.write(f"  WebSocket:   ws://{options['host']}:{options['port']}/v1/ws/voice")
         self.stdout.write(f"  dev token ({DEMO_USER}, elite, {options['minutes']} min):")
         self.stdout.write(f"    {token}")

@@ -17,7 +17,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 
-from voice.services.stats import run_with_state
+from voice.realtime.models_catalog import realtime_model_problem, shutdown_warning, transcription_model_problem
+from voice.services.stats import format_table, run_with_state
+from voice.services.users import plan_policies
 from voice.views.health import health_report
 
 TIMEOUT_S = 3.0
@@ -77,6 +79,29 @@ async def check_knowledge() -> dict[str, Any]:
                                          f"documents={report.get('documents')}"}
 
 
+def check_models() -> dict[str, Any]:
+    """The OpenAI models each plan uses (its own or the environment default): DOWN when one has no price
+    row, WARN when one shuts down within VOICE_MODEL_SHUTDOWN_WARN_DAYS (VOICE_MODEL_SHUTDOWNS)."""
+    plans, problems, warnings = [], [], []
+    for policy in sorted(plan_policies().values(), key=lambda p: p.code):
+        profile = policy.realtime
+        plans.append({"plan": policy.code, "voice_enabled": policy.voice_enabled, "model": profile.model,
+                      "transcription_model": profile.transcription_model, "voice": profile.voice,
+                      "vad": profile.vad_type})
+        problems += [f"plan {policy.code}: {p}" for p in (realtime_model_problem(profile.model),
+                                                          transcription_model_problem(profile.transcription_model))
+                     if p]
+        warnings += [w for w in (shutdown_warning(profile.model), shutdown_warning(profile.transcription_model))
+                     if w and w not in warnings]
+    if problems:
+        status, detail = DOWN, "; ".join(problems)
+    elif warnings:
+        status, detail = WARN, "; ".join(warnings)
+    else:
+        status, detail = OK, f"{len({p['model'] for p in plans})} realtime model(s) in use, none near shutdown"
+    return {"status": status, "detail": detail, "plans": plans}
+
+
 class Command(BaseCommand):
     help = (
         "Check the database, Redis, the realtime upstream and the knowledge backend. Exit status 1 when a "
@@ -91,6 +116,10 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         """Called by Django with the parsed options; raises CommandError (exit status 1) on failure."""
         checks = {"database": check_database()}
+        try:
+            checks["models"] = check_models()
+        except DatabaseError as exc:
+            checks["models"] = {"status": DOWN, "detail": f"plans unreadable ({type(exc).__name__})", "plans": []}
 
         async def probe(_state: Any) -> dict[str, Any]:
             report, upstream, knowledge = await asyncio.gather(health_report(), check_upstream(),
@@ -121,5 +150,13 @@ class Command(BaseCommand):
                 self.stdout.write(f"{name:<10} {style(check['status'].upper()):<8} {check['detail']}")
             if not settings.ENABLE_VOICE_REALTIME:
                 self.stdout.write(self.style.WARNING("ENABLE_VOICE_REALTIME is off: voice is disabled."))
+            self._models_table(checks["models"]["plans"])
         if failed:
             raise CommandError(f"unhealthy: {', '.join(failed)}")
+
+    def _models_table(self, plans: list[dict[str, Any]]) -> None:
+        rows = [("PLAN", "VOICE", "MODEL", "TRANSCRIPTION", "VOICE NAME", "VAD")]
+        rows += [(p["plan"], "on" if p["voice_enabled"] else "off", p["model"], p["transcription_model"],
+                  p["voice"], p["vad"]) for p in plans]
+        self.stdout.write("\nModels per plan (empty plan fields use the environment defaults):")
+        self.stdout.write(format_table(rows))

@@ -13,7 +13,11 @@ from voice.services.plans import KEEP, PlanNotFound, plan_update
 from voice.services.stats import format_table
 
 NONE_WORDS = ("none", "default", "-", "")
-CHANGE_OPTIONS = ("name", "voice", "sessions_per_hour", "max_seconds", "budget", "subscribers")
+CHANGE_OPTIONS = ("name", "voice", "sessions_per_hour", "max_seconds", "budget", "subscribers", "model",
+                  "transcription_model", "voice_name", "vad", "eagerness")
+# --option → PlanAccess text field; 'default' (or 'none') clears it: the environment default applies.
+TEXT_OPTIONS = (("model", "realtime_model"), ("transcription_model", "transcription_model"),
+                ("voice_name", "voice"), ("vad", "vad_type"), ("eagerness", "vad_eagerness"))
 
 
 def _optional_int(text: str) -> int | None:
@@ -55,6 +59,12 @@ class Command(BaseCommand):
         parser.add_argument("--max-seconds", metavar="N", help="Max session duration ('none': default).")
         parser.add_argument("--budget", metavar="USD", help="Monthly budget in USD ('none': no cap).")
         parser.add_argument("--subscribers", metavar="N", help="Active subscribers (adoption KPI base).")
+        parser.add_argument("--model", help="Realtime model, e.g. gpt-realtime-mini ('default': "
+                                            "OPENAI_REALTIME_MODEL); it needs a price row.")
+        parser.add_argument("--transcription-model", help="Input transcription model ('default').")
+        parser.add_argument("--voice-name", help="Output voice, e.g. marin ('default': VOICE_NAME).")
+        parser.add_argument("--vad", help="server_vad or semantic_vad ('default': VOICE_VAD_TYPE).")
+        parser.add_argument("--eagerness", help="semantic_vad eagerness: auto, low, medium, high ('default').")
 
     def handle(self, *args, **options) -> None:
         """Called by Django with the parsed options; raises CommandError (exit status 1) on failure."""
@@ -76,6 +86,9 @@ class Command(BaseCommand):
                 ("subscribers", "active_subscribers", _optional_int),
             ):
                 values[field] = KEEP if options[option] is None else parse(options[option])
+            for option, field in TEXT_OPTIONS:
+                text = options[option]
+                values[field] = KEEP if text is None else "" if text.strip().lower() in NONE_WORDS else text.strip()
         except ValueError as exc:
             raise CommandError(f"invalid value: {exc}") from exc
         try:
@@ -92,10 +105,11 @@ class Command(BaseCommand):
             self.stdout.write(f"Plan {plan.code} unchanged.")
 
     def _list(self) -> None:
-        rows = [("PLAN", "NAME", "VOICE", "SESSIONS/H", "MAX S", "BUDGET USD", "SUBSCRIBERS", "MONTH SPEND")]
+        rows = [("PLAN", "NAME", "VOICE", "MODEL", "SESSIONS/H", "MAX S", "BUDGET USD", "SUBSCRIBERS",
+                 "MONTH SPEND")]
         for plan in plans_with_month_spend().order_by("code"):
             rows.append((
-                plan.code, plan.name, "on" if plan.voice_enabled else "off",
+                plan.code, plan.name, "on" if plan.voice_enabled else "off", plan.realtime_model or "default",
                 str(plan.sessions_per_hour or "default"), str(plan.max_session_seconds or "default"),
                 "none" if plan.monthly_budget_usd is None else f"{plan.monthly_budget_usd:.2f}",
                 "unknown" if plan.active_subscribers is None else str(plan.active_subscribers),

@@ -4,6 +4,7 @@ KPI gate. Changes are audited (LogEntry, as the `voice-system` user) and reach e
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -19,54 +20,71 @@ class Command(BaseCommand):
         "Show or change the voice rollout. --disable engages the kill switch (live sessions close within "
         "a second on every instance); --enable releases it; --percent N admits N %% of users "
         "(deterministic per user id); --add-beta/--remove-beta USER edit the beta list (USER is a JWT "
-        "user_id or a username; an unknown id is created so the list can be prepared before first login); "
+        "user_id or a username; an unknown id is created so the list can be prepared before first login; "
+        "repeat the option for several users). Changes combine in one call, e.g. "
+        "`--enable --percent 10 --add-beta alice`; all are checked before any is applied. "
         "--check evaluates the rollout KPI gate (exit status 1 when it fails)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Called by Django to declare the command line."""
-        action = parser.add_mutually_exclusive_group()
-        action.add_argument("--enable", action="store_true", help="Release the kill switch.")
-        action.add_argument("--disable", action="store_true",
+        switch = parser.add_mutually_exclusive_group()
+        switch.add_argument("--enable", action="store_true", help="Release the kill switch.")
+        switch.add_argument("--disable", action="store_true",
                             help="Engage the kill switch (closes live sessions).")
-        action.add_argument("--percent", type=int, metavar="N", help="Rollout percentage, 0-100.")
-        action.add_argument("--add-beta", metavar="USER", help="Add a user to the beta list.")
-        action.add_argument("--remove-beta", metavar="USER", help="Remove a user from the beta list.")
-        action.add_argument("--show", action="store_true", help="Show the rollout (the default).")
-        action.add_argument("--check", action="store_true", help="Evaluate the KPI gate.")
+        parser.add_argument("--percent", type=int, metavar="N", help="Rollout percentage, 0-100.")
+        parser.add_argument("--add-beta", metavar="USER", action="append", default=[],
+                            help="Add a user to the beta list (repeatable).")
+        parser.add_argument("--remove-beta", metavar="USER", action="append", default=[],
+                            help="Remove a user from the beta list (repeatable).")
+        parser.add_argument("--show", action="store_true", help="Show the rollout (the default).")
+        parser.add_argument("--check", action="store_true", help="Evaluate the KPI gate (no changes with it).")
         parser.add_argument("--since", default="7d", help="KPI window for --check (default 7d; 24h, 2w…).")
         parser.add_argument("--json", action="store_true", help="With --check: print the gate as JSON.")
         parser.add_argument("--note", default="", help="With --add-beta: a note shown in the admin.")
 
     def handle(self, *args, **options) -> None:
         """Called by Django with the parsed options; raises CommandError (exit status 1) on failure."""
+        changes = (options["enable"] or options["disable"] or options["percent"] is not None
+                   or options["add_beta"] or options["remove_beta"])
+        if options["check"]:
+            if changes or options["show"]:
+                raise CommandError("--check does not combine with changes or --show")
+            self._check(options)
+            return
+        if options["percent"] is not None and not 0 <= options["percent"] <= 100:
+            raise CommandError("--percent must be between 0 and 100")
+        removals = self._beta_users_to_remove(options["remove_beta"])
         if options["enable"] or options["disable"]:
             rollout_update(actor_id=None, voice_enabled=bool(options["enable"]))
             self.stdout.write(self.style.SUCCESS(
                 "Kill switch released: voice enabled." if options["enable"]
                 else "Kill switch ENGAGED: voice disabled, live sessions are being closed."))
-        elif options["percent"] is not None:
-            if not 0 <= options["percent"] <= 100:
-                raise CommandError("--percent must be between 0 and 100")
+        if options["percent"] is not None:
             rollout_update(actor_id=None, percentage=options["percent"])
             self.stdout.write(self.style.SUCCESS(f"Rollout percentage set to {options['percent']} %."))
-        elif options["add_beta"]:
-            user, created = user_ensure(options["add_beta"])
+        for reference in options["add_beta"]:
+            user, created = user_ensure(reference)
             added = beta_add(user=user, actor_id=None, note=options["note"])
             suffix = " (new local user created)" if created else ""
             message = "added to" if added else "already on"
             self.stdout.write(self.style.SUCCESS(f"{user.get_username()} {message} the beta list{suffix}."))
-        elif options["remove_beta"]:
-            user = find_user(options["remove_beta"])
-            if user is None:
-                raise CommandError(f"unknown user {options['remove_beta']!r}")
-            if not beta_remove(user=user, actor_id=None):
-                raise CommandError(f"{user.get_username()} is not on the beta list")
+        for user in removals:
+            beta_remove(user=user, actor_id=None)
             self.stdout.write(self.style.SUCCESS(f"{user.get_username()} removed from the beta list."))
-        elif options["check"]:
-            self._check(options)
-            return
         self._show()
+
+    def _beta_users_to_remove(self, references: list[str]) -> list[Any]:
+        """Resolve every --remove-beta USER before anything changes (an unknown one aborts the call)."""
+        users = []
+        for reference in references:
+            user = find_user(reference)
+            if user is None:
+                raise CommandError(f"unknown user {reference!r}")
+            if not BetaUser.objects.filter(user=user).exists():
+                raise CommandError(f"{user.get_username()} is not on the beta list")
+            users.append(user)
+        return users
 
     def _show(self) -> None:
         rollout, _ = VoiceRollout.objects.get_or_create(pk=1)

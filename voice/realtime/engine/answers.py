@@ -1,103 +1,133 @@
-"""What the local engine says: from injected context, a configured answerer, voice.rag, or a fallback."""
+"""What the local engine says: from injected context, a configured answerer, voice.rag, or a fallback.
+
+Answers are short and spoken, in the language of the question (French or English). From knowledge
+(injected context or a voice.rag lookup) the engine picks the sentence, or the table row read as a
+sentence ("Jour 1 : 32–34 °C"), that best matches the question; see `passages` for how.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+from dataclasses import dataclass
 
 from .config import Answerer
+from .language import ENGLISH, FRENCH, detect_language, normalise_language
+from .passages import Source, Unit, best_units, parse_context, sources_from_passages, spoken
 
 log = logging.getLogger(__name__)
 
 MAX_ANSWER_CHARS = 320
+SHORT_ANSWER_CHARS = 120  # below this, a second matching sentence of the same source is added
 RAG_TIMEOUT_S = 3.0
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-_MARKER = re.compile(r"^\s*(?:\[\d+\]|\d+[.)]|[-*•]|#+)\s*")
-_HAS_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
-_LABEL = re.compile(r"^(?:title|source|text|passage|content|score)\s*:\s*", re.IGNORECASE)
-# Instruction lines of the injection wrapper ("Use the following knowledge to answer..."), not knowledge.
-_WRAPPER = re.compile(
-    r"^(?:use|answer|here (?:is|are)|the following|relevant|retrieved|context|knowledge)\b"
-    r".*\b(?:context|knowledge|following|below|excerpts?|passages?|sources?|documents?)\b",
-    re.IGNORECASE,
-)
+
+_NO_QUESTION = {
+    ENGLISH: "I could not make out the question. Could you say it again, or type it?",
+    FRENCH: "Je n'ai pas compris la question. Pouvez-vous la répéter, ou l'écrire ?",
+}
+_NO_KNOWLEDGE = {
+    ENGLISH: "You asked: {question} I don't have specific information about that yet.",
+    FRENCH: "Vous avez demandé : {question} Je n'ai pas encore d'information précise à ce sujet.",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The assistant's answer text and the language it is in (which picks the synthesis voice)."""
+
+    text: str
+    language: str
 
 
 def first_sentences(text: str, limit: int = MAX_ANSWER_CHARS) -> str:
-    """One or two leading sentences of `text`, at most about `limit` characters."""
-    text = " ".join(text.split())
-    out = ""
-    for sentence in _SENTENCE.split(text):
-        if out and len(out) + len(sentence) > limit:
-            break
-        out = f"{out} {sentence}".strip()
-        if len(out) >= limit // 2:
-            break
-    return out[:limit].rstrip() if len(out) > limit else out
+    """Whole leading sentences of `text` up to about `limit` characters (cut at a clause if needed)."""
+    return spoken(" ".join(text.split()), limit)
 
 
-def prose(text: str) -> str:
-    """The sentences of a context block or passage: table rows, titles, labels and wrapper lines dropped."""
-    kept = []
-    for raw in text.splitlines():
-        line = _LABEL.sub("", _MARKER.sub("", raw)).strip()
-        # Titles and headers carry no sentence end; table rows (also cut mid-row) carry pipes.
-        if raw.count("|") >= 2 or not _HAS_SENTENCE_END.search(line) or _WRAPPER.match(line):
-            continue
-        kept.append(line)
-    return " ".join(kept)
-
-
-def answer_from_context(context: str) -> str:
-    """Called when the conversation carries injected knowledge for the current turn."""
-    passage = first_sentences(prose(context) or context)
-    return f"Here is what I found: {passage}" if passage else fallback_answer(None)
-
-
-def fallback_answer(question: str | None) -> str:
-    """A short honest answer when the engine has nothing to go on."""
+def fallback_answer(question: str | None, language: str = ENGLISH) -> str:
+    """A short honest answer, in `language`, when the engine has nothing to go on."""
+    language = normalise_language(language)
     if not question:
-        return "I'm the local test engine: I could not recognise that, so I have no specific answer."
-    return f"You asked: {first_sentences(question, 160)} I don't have specific information about that yet."
+        return _NO_QUESTION[language]
+    return _NO_KNOWLEDGE[language].format(question=first_sentences(question, 160))
 
 
-async def rag_answer(question: str) -> str | None:
-    """Ask voice.rag (when that package is present) for the best passage; None when unavailable."""
+def answer_from_sources(sources: list[Source], question: str, language: str) -> Reply | None:
+    """The best-matching sentence or table row of `sources` for `question`; None when they hold none."""
+    chosen = best_units(sources, question, language)
+    return Reply(_join(chosen), chosen[0].source.language) if chosen else None
+
+
+def _join(units: list[Unit]) -> str:
+    """The best unit, plus the runner-up prose sentence of its source when the best alone is very short."""
+    best = units[0]
+    text = best.text
+    for extra in units[1:]:
+        if len(text) >= SHORT_ANSWER_CHARS or best.row or extra.row or extra.source is not best.source:
+            break
+        if len(text) + 1 + len(extra.text) <= MAX_ANSWER_CHARS:
+            text = f"{text} {extra.text}"
+    return spoken(text, MAX_ANSWER_CHARS)
+
+
+def answer_from_context(context: str, question: str | None = None, language: str = ENGLISH) -> Reply:
+    """Called when the conversation carries injected knowledge for the current turn.
+
+    Without a question (an audio turn the engine could not recognise) the context is not read out:
+    the gateway retrieved it for the placeholder transcript, so it is about nothing the user said.
+    """
+    reply = answer_from_sources(parse_context(context), question, language) if question else None
+    return reply or Reply(fallback_answer(question, language), language)
+
+
+async def rag_answer(question: str, language: str = ENGLISH) -> Reply | None:
+    """Ask voice.rag (when that package is present) for passages and answer from them; None if none."""
     try:
         from voice.rag import get_retriever  # type: ignore[attr-defined]
     except ImportError:
         return None
     try:
         retriever = get_retriever()
-        passages = (
-            await asyncio.wait_for(retriever.search(question, limit=3), RAG_TIMEOUT_S) if retriever else []
-        )
+        passages = await asyncio.wait_for(retriever.search(question, limit=3), RAG_TIMEOUT_S) if retriever else []
     except Exception as exc:  # noqa: BLE001 - any retriever failure degrades to the fallback answer
         log.debug("local engine: rag lookup failed: %s", exc)
         return None
-    for passage in passages:
-        text = first_sentences(prose(getattr(passage, "text", "") or ""))
-        if text:
-            return f"Here is what I found: {text}"
-    return None
+    return answer_from_sources(sources_from_passages(passages), question, language)
+
+
+async def compose_reply(
+    question: str | None,
+    context: str | None,
+    *,
+    answerer: Answerer | None = None,
+    use_rag: bool = True,
+    language: str | None = None,
+) -> Reply:
+    """Called by a response before synthesis: the answer and its language.
+
+    `language` is a hint (the session's transcription language) used when the question's own words
+    do not say, e.g. an audio turn without a transcript.
+    """
+    language = detect_language(question, normalise_language(language))
+    if answerer is not None:
+        try:
+            answer = await answerer(question or "", context)
+            if answer:
+                return Reply(answer, detect_language(answer, language))
+        except Exception as exc:  # noqa: BLE001 - a broken answerer must not kill the session
+            log.warning("local engine: answerer failed: %s", exc)
+    if context:
+        return answer_from_context(context, question, language)
+    if question and use_rag:
+        reply = await rag_answer(question, language)
+        if reply:
+            return reply
+    return Reply(fallback_answer(question, language), language)
 
 
 async def compose_answer(
     question: str | None, context: str | None, *, answerer: Answerer | None = None, use_rag: bool = True
 ) -> str:
-    """Called by a response before synthesis; returns the assistant's answer text."""
-    if answerer is not None:
-        try:
-            answer = await answerer(question or "", context)
-            if answer:
-                return answer
-        except Exception as exc:  # noqa: BLE001 - a broken answerer must not kill the session
-            log.warning("local engine: answerer failed: %s", exc)
-    if context:
-        return answer_from_context(context)
-    if question and use_rag:
-        answer = await rag_answer(question)
-        if answer:
-            return answer
-    return fallback_answer(question)
+    """Called where only the answer text is needed; see `compose_reply`."""
+    reply = await compose_reply(question, context, answerer=answerer, use_rag=use_rag)
+    return reply.text

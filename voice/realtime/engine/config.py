@@ -39,7 +39,8 @@ class EngineConfig:
     script: str | list[str] | None = field(default_factory=lambda: setting("LOCAL_ENGINE_SCRIPT", "") or None)
     speed: float = field(default_factory=lambda: float(setting("LOCAL_ENGINE_SPEED", 8.0)))  # <= 0: unpaced
     tts: str = field(default_factory=lambda: str(setting("LOCAL_ENGINE_TTS", "auto")))  # auto|espeak|tone
-    # None: on when a script is set; False reproduces OpenAI (input transcription only after commit).
+    # None: as OpenAI does, deltas during speech only when the session's transcription model streams
+    # (gpt-realtime-whisper); True: for every transcription model; False: never (transcripts after commit).
     partial_transcripts: bool | None = field(
         default_factory=lambda: setting("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", None)
     )
@@ -81,9 +82,7 @@ class EngineConfig:
 
         return SpeechInput.available()
 
-    @property
-    def partials_enabled(self) -> bool:
-        """Whether early (during-speech) transcript deltas are emitted."""
-        if self.partial_transcripts is None:
-            return bool(self.transcripts())
-        return self.partial_transcripts and bool(self.transcripts())
+    def partials_enabled(self, streaming_model: bool) -> bool:
+        """Called per spoken chunk or hypothesis: whether a session whose transcription model streams (or
+        not) gets transcript deltas during speech (scripted words, or recognised ones: recognition.py)."""
+        return streaming_model if self.partial_transcripts is None else self.partial_transcripts

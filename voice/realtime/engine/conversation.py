@@ -70,9 +70,9 @@ def entry_from_client(item: Any, item_id: str) -> Entry:
                 raise ItemError("invalid_value", "Invalid base64 audio.", f"item.content[{i}].audio") from exc
             content.append({"type": "input_audio", "transcript": part.get("transcript")})
             texts.append(part.get("transcript") or "")
-        else:
-            content.append(dict(part))
-            texts.append(str(part.get("text") or ""))
+        else:  # only what the server keeps is echoed (a client's stray keys are not part of the item)
+            content.append({"type": ptype, "text": str(part.get("text") or "")})
+            texts.append(content[-1]["text"])
     if not content:
         raise ItemError("missing_required_parameter", "Missing required parameter: 'item.content'.",
                         "item.content")  # fmt: skip

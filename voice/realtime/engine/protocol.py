@@ -13,6 +13,11 @@ DEFAULT_TURN_DETECTION: dict[str, Any] = {
     "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
     "idle_timeout_ms": None, "create_response": True, "interrupt_response": True,
 }  # fmt: skip
+# Input transcription models that stream `conversation.item.input_audio_transcription.delta` while the user
+# is still speaking (GA; the `delay` knob tunes them). The others transcribe a turn only after its commit.
+STREAMING_TRANSCRIPTION_MODELS = frozenset({"gpt-realtime-whisper"})
+# The session object of a transcription-only session (`session.type: "transcription"`) has only these.
+TRANSCRIPTION_SESSION_FIELDS = ("type", "object", "id", "expires_at", "audio", "include")
 SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 500, "auto": 500, "high": 250}
 # Beta-era names GA rejects as a whole update (protocol notes §3).
 BETA_FIELDS = (
@@ -119,8 +124,13 @@ def _merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
 
 
 def merge_session(session: dict[str, Any], patch: dict[str, Any]) -> None:
-    """Apply a validated update in place; turn_detection is replaced whole with defaults filled in."""
+    """Apply a validated update in place; turn_detection is replaced whole with defaults filled in. A
+    transcription session keeps only its own fields (no model, instructions or audio output)."""
     _merge(session, {k: v for k, v in patch.items() if k not in ("id", "object", "expires_at")})
+    if session.get("type") == "transcription":
+        for name in [name for name in session if name not in TRANSCRIPTION_SESSION_FIELDS]:
+            del session[name]
+        session["audio"] = {"input": session["audio"]["input"]}
     audio_in = session["audio"]["input"]
     td = audio_in.get("turn_detection")
     if td:
@@ -128,6 +138,12 @@ def merge_session(session: dict[str, Any], patch: dict[str, Any]) -> None:
         if td.get("type") == "server_vad":
             base = {**DEFAULT_TURN_DETECTION}
         audio_in["turn_detection"] = {**base, **td}
+
+
+def transcribes_during_speech(session: dict[str, Any]) -> bool:
+    """True when the session's input transcription model streams deltas while the user speaks."""
+    transcription = session["audio"]["input"].get("transcription") or {}
+    return transcription.get("model") in STREAMING_TRANSCRIPTION_MODELS
 
 
 def vad_params(td: dict[str, Any]) -> tuple[float, int, int]:

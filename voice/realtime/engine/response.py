@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import faults
-from .answers import compose_answer
+from .answers import compose_reply
 from .conversation import Entry, message_item
 from .protocol import audio_tokens, event_id, text_tokens, usage_object
 from .tts import synthesize
@@ -98,12 +98,13 @@ async def _run(s: EngineSession, r: ResponseState) -> None:
     if not context and base_instructions and r.instructions.startswith(base_instructions):
         # Context injected as per-response instructions (base prompt + knowledge, since they replace).
         context = r.instructions[len(base_instructions) :].strip() or None
-    text = await compose_answer(question, context, answerer=cfg.answerer, use_rag=cfg.use_rag)
+    transcription = s.session["audio"]["input"].get("transcription") or {}
+    reply = await compose_reply(question, context, answerer=cfg.answerer, use_rag=cfg.use_rag,
+                                language=transcription.get("language"))  # fmt: skip
+    text = reply.text
     clip = None
-    if r.audio:
-        transcription = s.session["audio"]["input"].get("transcription") or {}
-        clip = await synthesize(text, backend=cfg.tts, language=transcription.get("language") or "en",
-                                chunk_ms=cfg.audio_chunk_ms)  # fmt: skip
+    if r.audio:  # the voice follows the answer's language, not the session's transcription hint
+        clip = await synthesize(text, backend=cfg.tts, language=reply.language, chunk_ms=cfg.audio_chunk_ms)
     loop = asyncio.get_running_loop()
     wait = r.created_at + cfg.first_audio_ms / 1000 - loop.time()
     if wait > 0:

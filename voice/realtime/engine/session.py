@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from voice.realtime import protocol_tap
+
 from . import faults
 from . import response as responses
 from .config import PLACEHOLDER_TRANSCRIPT, EngineConfig
@@ -28,6 +30,7 @@ from .protocol import (
     merge_session,
     new_id,
     text_tokens,
+    transcribes_during_speech,
     vad_params,
     validate_session,
 )  # fmt: skip
@@ -127,6 +130,8 @@ class EngineSession:
     def emit(self, event: dict[str, Any]) -> None:
         """Queue one server event (dropped once closed or while a stall is simulated)."""
         if not self.closed and not self.stalled:
+            if protocol_tap.engine_emitted is not None:
+                protocol_tap.engine_emitted(event)
             self.out.put_nowait(json.dumps(event))
 
     def emit_raw(self, text: str) -> None:
@@ -229,7 +234,7 @@ class EngineSession:
             return
         new = newly_stable(speech.sent, speech.history, words)
         speech.history = [*speech.history[-(AGREE - 2) :], words] if AGREE > 1 else []
-        if not new or not self._transcribing() or self.config.partial_transcripts is False:
+        if not (new and self._transcribing() and self.config.partials_enabled(transcribes_during_speech(self.session))):
             return
         for word in new:
             self._transcript_delta(turn.item_id, word if not speech.sent else " " + word)
@@ -263,7 +268,8 @@ class EngineSession:
     def _early_words(self) -> None:
         """Partial transcript while the user is still speaking: one word per `partial_word_ms` of speech."""
         turn = self._turn
-        if turn is None or not (self.config.partials_enabled and turn.known and self._transcribing()):
+        streaming = transcribes_during_speech(self.session)
+        if turn is None or not (turn.known and self._transcribing() and self.config.partials_enabled(streaming)):
             return
         words = turn.transcript.split()
         due = min(len(words), self._vad.speech_ms // max(1, self.config.partial_word_ms)) if self._vad else 0

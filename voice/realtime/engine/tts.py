@@ -1,4 +1,4 @@
-"""Response audio: espeak-ng when installed, else a speech-like tone; cached per text as base64 chunks."""
+"""Response audio: espeak-ng (French or English voice) when installed, else a speech-like tone; cached."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from functools import lru_cache
 
 import numpy as np
 
+from .language import ENGLISH, FRENCH, normalise_language
 from .vad import BYTES_PER_MS, SAMPLE_RATE
 
 CHARS_PER_SECOND = 14.0  # tone duration: roughly a speaking rate
 _CACHE_MAX = 512
+ESPEAK_VOICES = {FRENCH: "fr-fr", ENGLISH: "en"}  # Debian espeak-ng-data ships both
 _cache: dict[tuple[str, str, str, int], Clip] = {}
 
 
@@ -76,13 +78,18 @@ def resample(pcm: bytes, rate: int) -> bytes:
     return np.interp(x_out, np.arange(len(src)), src).astype("<i2").tobytes()
 
 
+def espeak_voice(language: str | None) -> str:
+    """The espeak-ng voice for an answer language ("fr", "en-US"...); English for anything else."""
+    return ESPEAK_VOICES[normalise_language(language)]
+
+
 async def espeak_pcm(text: str, language: str) -> bytes:
     """Run espeak-ng off the event loop (asyncio subprocess; text on stdin so it is never an option)."""
     exe = espeak_path()
     if exe is None:
         raise FileNotFoundError("espeak-ng")
     proc = await asyncio.create_subprocess_exec(
-        exe, "--stdout", "--stdin", "-v", language or "en",
+        exe, "--stdout", "--stdin", "-v", espeak_voice(language),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(text.encode("utf-8")), timeout=30)
@@ -109,7 +116,7 @@ async def synthesize(text: str, *, backend: str = "auto", language: str = "en", 
     """Called once per response with audio output; returns the (cached) clip for `text`."""
     use_espeak = backend in ("auto", "espeak") and espeak_path() is not None
     kind = "espeak" if use_espeak else "tone"
-    key = (text, kind, language if use_espeak else "", chunk_ms)
+    key = (text, kind, espeak_voice(language) if use_espeak else "", chunk_ms)
     clip = _cache.get(key)
     if clip is not None:
         return clip

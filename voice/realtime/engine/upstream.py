@@ -13,8 +13,9 @@ class LocalUpstream(Upstream):
 
     kind = "local"
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, *, model: str | None = None) -> None:
         self.config = config or EngineConfig()
+        self.model = model  # the `?model=` of a real handshake; None: the config's
         self.session: EngineSession | None = None
         self._closed: UpstreamClosed | None = None  # set once; every later recv/send raises it
 
@@ -22,7 +23,7 @@ class LocalUpstream(Upstream):
         """Called once before send/recv; `fail_with="invalid_api_key"` simulates a refused handshake."""
         if self.config.fail_with == "invalid_api_key":
             raise UpstreamConnectError("local engine: simulated 401 invalid_api_key", fatal=True)
-        self.session = EngineSession(self.config)
+        self.session = EngineSession(self.config, model=self.model)
         self.session.start()
 
     async def send(self, text: str) -> None:

@@ -431,17 +431,28 @@ client.on("gateway-error", (e) => {
   if (e.code === "response_in_progress") setStatus("Please wait for the current answer.");
 });
 
-// --- ?token= in the address: use it, then remove it from the bar and the history -----------------------------
-const params = new URLSearchParams(location.search);
-const urlToken = params.get("token");
-if (params.has("auth") && ["subprotocol", "ticket", "query"].includes(params.get("auth"))) {
-  ui.authMode.value = params.get("auth");
-}
-if (urlToken) {
+// --- a token in the address: #token=… (make run's URL: never sent to the server) or ?token=… -------------------
+// Either is used once, then removed from the address bar and the history entry.
+function takeTokenFromAddress() {
+  const params = new URLSearchParams(location.search);
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const inFragment = fragment.has("token");
+  const token = (inFragment ? fragment : params).get("token");
+  const auth = (inFragment ? fragment : params).get("auth");
+  if (auth && ["subprotocol", "ticket", "query"].includes(auth)) {
+    ui.authMode.value = auth;
+  }
+  if (!token) return;
   params.delete("token");
+  fragment.delete("token");
+  fragment.delete("auth");
   const query = params.toString();
-  history.replaceState(history.state, "", `${location.pathname}${query ? `?${query}` : ""}${location.hash}`);
-  ui.token.value = urlToken;
-  connect();
+  const rest = inFragment ? fragment.toString() : location.hash.slice(1);
+  history.replaceState(history.state, "", `${location.pathname}${query ? `?${query}` : ""}${rest ? `#${rest}` : ""}`);
+  ui.token.value = token;
+  if (["signed-out", "closed"].includes(root.dataset.state)) connect(); // never while a session runs
 }
+
+takeTokenFromAddress();
+window.addEventListener("hashchange", takeTokenFromAddress); // a demo URL pasted into an open tab
 root.dataset.loaded = "true";
