@@ -48,6 +48,12 @@ class TurnSpeech:
     final: asyncio.Future[str] | None = None  # resolved with the transcript once recognised
     timer: asyncio.TimerHandle | None = None
 
+    def stable_words(self, words: list[str]) -> list[str]:
+        """Called with each new hypothesis: the words it makes stable (not yet sent); remembers it."""
+        new = newly_stable(self.sent, self.history, words)
+        self.history = [*self.history, words][-(AGREE - 1) :]
+        return new
+
 
 class SpeechInput:
     """One session's recognition: the pre-roll buffer and a stream per spoken turn."""

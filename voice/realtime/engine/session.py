@@ -34,7 +34,7 @@ from .protocol import (
     vad_params,
     validate_session,
 )  # fmt: skip
-from .recognition import AGREE, SpeechInput, TurnSpeech, newly_stable
+from .recognition import SpeechInput, TurnSpeech
 from .stt.service import OK
 from .vad import BYTES_PER_MS, EnergyVad
 
@@ -232,9 +232,9 @@ class EngineSession:
         speech = turn.speech
         if speech is None or self.closed or speech.final is None or speech.final.done():
             return
-        new = newly_stable(speech.sent, speech.history, words)
-        speech.history = [*speech.history[-(AGREE - 2) :], words] if AGREE > 1 else []
-        if not (new and self._transcribing() and self.config.partials_enabled(transcribes_during_speech(self.session))):
+        new = speech.stable_words(words)
+        streaming = transcribes_during_speech(self.session)
+        if not (new and self._transcribing() and self.config.partials_enabled(streaming)):
             return
         for word in new:
             self._transcript_delta(turn.item_id, word if not speech.sent else " " + word)
