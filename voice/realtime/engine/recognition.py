@@ -3,7 +3,7 @@
 Used when a recogniser is installed, `EngineConfig.recognition` is "auto" and no script is set (a
 script still wins: tests rely on exact transcripts). Audio of a turn streams to the worker from the
 VAD's speech start (including the prefix padding kept here); hypotheses come back while the user is
-still speaking and only words two successive hypotheses agree on (never the last, still-moving word)
+still speaking and only words AGREE (3) successive hypotheses agree on (never the last, moving word)
 become transcript deltas; the final transcript arrives shortly after commit.
 """
 
