@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import AUDIO
 from tests.test_browser import _demo_url, _wait_ready, needs_chromium, open_browser_page
 from tests.test_speech import needs_speech
+from voice.realtime.engine.stt.service import stop_services
 
 pytestmark = [pytest.mark.browser, needs_chromium, needs_speech]
 
@@ -52,6 +53,7 @@ def speech_server(settings, tmp_path, live_db):
     yield server
     server.stop()
     reset_retrievers()
+    stop_services()
 
 
 def test_spoken_question_is_recognised_and_answered_in_the_browser(speech_server, tmp_path, token_for) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from voice.realtime.engine import PLACEHOLDER_TRANSCRIPT, LocalUpstream
 from voice.realtime.engine.recognition import OVERLOADED_TRANSCRIPT, newly_stable
 from voice.realtime.engine.stt import domain_lm, unavailable_reason
 from voice.realtime.engine.stt.resample import Resampler24to16
-from voice.realtime.engine.stt.service import RecognitionService
+from voice.realtime.engine.stt.service import RecognitionService, stop_services
 from voice.realtime.engine.stt.wer import word_error_rate
 
 SPEECH_MISSING = unavailable_reason("en")
@@ -31,9 +32,10 @@ STREAMING_TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory) -> Iterator[Path]:
     """A fresh speech model directory: the worker builds the model from the bundled knowledge."""
-    return tmp_path_factory.mktemp("speech")
+    yield tmp_path_factory.mktemp("speech")
+    stop_services()
 
 
 def test_arpa_model_is_a_normalised_backoff_model() -> None:

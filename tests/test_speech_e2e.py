@@ -11,7 +11,7 @@ from tests.conftest import AUDIO, needs_audio
 from tests.live import LiveServer, VoiceClient, read_wav
 from tests.test_speech import ENGLISH, needs_speech, worker_ready
 from voice.models import VoiceTurn
-from voice.realtime.engine.stt.service import get_service
+from voice.realtime.engine.stt.service import get_service, stop_services
 from voice.realtime.engine.stt.wer import word_error_rate
 
 pytestmark = [pytest.mark.django_db(transaction=True), needs_audio, needs_speech]
@@ -32,6 +32,7 @@ def recognising(settings, tmp_path):
     reset_retrievers()
     yield
     reset_retrievers()
+    stop_services()  # this test's worker (its own model directory) is not needed any more
 
 
 async def started_worker(settings) -> None:

@@ -277,7 +277,11 @@ def get_service(model_dir: Path, *, max_streams: int, max_lag_ms: float) -> Reco
 
 
 @atexit.register
-def _stop_all() -> None:
-    for service in list(_services.values()):
+def stop_services() -> None:
+    """Called at exit (and by tests that used their own model directory): ends and forgets every worker."""
+    with _services_lock:
+        services = list(_services.values())
+        _services.clear()
+    for service in services:
         with contextlib.suppress(Exception):  # exiting anyway
             service.stop()
