@@ -54,6 +54,24 @@ class TurnSpeech:
         self.history = [*self.history, words][-(AGREE - 1) :]
         return new
 
+    def settle(self, text: str, reason: str) -> str:
+        """Called with the worker's final (or a refusal): resolves the turn; returns its transcript."""
+        if self.timer is not None:
+            self.timer.cancel()
+        transcript = text if reason == OK else OVERLOADED_TRANSCRIPT if reason == OVERLOADED else UNAVAILABLE_TRANSCRIPT
+        if self.final is not None and not self.final.done():
+            self.final.set_result(transcript)
+        return transcript
+
+    def cancel(self) -> None:
+        """Called when the turn is cleared or the session ends: no final, no callbacks."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.stream is not None:
+            self.stream.cancel()
+        if self.final is not None and not self.final.done():
+            self.final.cancel()
+
 
 class SpeechInput:
     """One session's recognition: the pre-roll buffer and a stream per spoken turn."""
@@ -103,28 +121,3 @@ class SpeechInput:
             speech.timer = asyncio.get_running_loop().call_later(
                 self.final_timeout_ms / 1000, stream.abandon, OVERLOADED
             )
-
-    @staticmethod
-    def placeholder(reason: str) -> str:
-        """The transcript of a turn that could not be recognised, saying why."""
-        return OVERLOADED_TRANSCRIPT if reason == OVERLOADED else UNAVAILABLE_TRANSCRIPT
-
-    @staticmethod
-    def settle(speech: TurnSpeech, text: str, reason: str) -> str | None:
-        """Called with the worker's final: resolves the turn; returns the transcript (None: not speech)."""
-        if speech.timer is not None:
-            speech.timer.cancel()
-        transcript = text if reason == OK else SpeechInput.placeholder(reason)
-        if speech.final is not None and not speech.final.done():
-            speech.final.set_result(transcript)
-        return transcript
-
-    @staticmethod
-    def cancel(speech: TurnSpeech) -> None:
-        """Called when the turn is cleared or the session ends."""
-        if speech.timer is not None:
-            speech.timer.cancel()
-        if speech.stream is not None:
-            speech.stream.cancel()
-        if speech.final is not None and not speech.final.done():
-            speech.final.cancel()

@@ -120,7 +120,7 @@ class EngineSession:
         if self.active is not None and self.active.task is not None:
             self.active.task.cancel()
         for turn in list(self._recognising.values()):
-            SpeechInput.cancel(turn.speech)
+            turn.speech.cancel()
         self._recognising.clear()
 
     def _expire(self) -> None:
@@ -247,7 +247,7 @@ class EngineSession:
         if speech is None or self.closed or speech.final is None or speech.final.done():
             return
         self._recognising.pop(turn.item_id, None)
-        turn.transcript = SpeechInput.settle(speech, text, reason)
+        turn.transcript = speech.settle(text, reason)
         turn.known = bool(text) and reason == OK
         entry = self.conversation.by_id.get(turn.item_id)
         if entry is not None:
@@ -366,7 +366,7 @@ class EngineSession:
 
     def _clear(self, ev: dict) -> None:
         if self._turn is not None and self._turn.speech is not None:
-            SpeechInput.cancel(self._turn.speech)
+            self._turn.speech.cancel()
             self._recognising.pop(self._turn.item_id, None)
         self._buffer_bytes, self._turn, self._slice_words = 0, None, []
         if self._vad is not None:
