@@ -4,18 +4,20 @@ streaming transcripts and its capacity bounds. Needs requirements/speech.txt; sk
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.conftest import AUDIO
-from tests.test_engine import cfg, configure, recv, send, wav_frames
+from tests.test_engine import cfg, configure, recv, send, until, wav_frames
 from voice.realtime.engine import PLACEHOLDER_TRANSCRIPT, LocalUpstream
 from voice.realtime.engine.recognition import OVERLOADED_TRANSCRIPT, newly_stable
 from voice.realtime.engine.stt import domain_lm, unavailable_reason
@@ -109,7 +111,17 @@ async def worker_ready(service: RecognitionService, timeout: float = 60) -> None
         await asyncio.sleep(0.05)
 
 
-async def _engine(model_dir: Path, **kw) -> LocalUpstream:
+@contextlib.asynccontextmanager
+async def engine(model_dir: Path, **kw: Any) -> AsyncIterator[LocalUpstream]:
+    """A recognising engine session (VAD, streaming transcription), its worker ready; closed after use."""
+    up = await _engine(model_dir, **kw)
+    try:
+        yield up
+    finally:
+        await up.close()
+
+
+async def _engine(model_dir: Path, **kw: Any) -> LocalUpstream:
     up = LocalUpstream(cfg(recognition="auto", stt_model_dir=str(model_dir), **kw))
     await up.connect()
     assert (await recv(up))["type"] == "session.created"
@@ -127,16 +139,13 @@ async def _engine(model_dir: Path, **kw) -> LocalUpstream:
 @needs_audio
 @pytest.mark.parametrize("entry", ENGLISH, ids=[f["file"] for f in ENGLISH])
 async def test_engine_recognises_the_english_questions(model_dir, entry) -> None:
-    up = await _engine(model_dir)
-    try:
+    async with engine(model_dir) as up:
         events = await _spoken(up, entry["file"], pace=0.02)  # twice real time
         kinds = [e["type"] for e in events]
         transcript = events[-1]["transcript"]
         assert word_error_rate(entry["transcript"], transcript) <= 0.4, transcript
         deltas = [i for i, k in enumerate(kinds) if k.endswith("input_audio_transcription.delta")]
         assert deltas and deltas[0] < kinds.index("input_audio_buffer.speech_stopped")
-    finally:
-        await up.close()
 
 
 @needs_speech
@@ -144,38 +153,29 @@ async def test_engine_recognises_the_english_questions(model_dir, entry) -> None
 @pytest.mark.parametrize("limits", [{"stt_max_streams": 0}, {"stt_max_lag_ms": 1}], ids=["full", "falling_behind"])
 async def test_beyond_capacity_a_placeholder_never_a_stall(model_dir, limits) -> None:
     """No free stream: refused at speech start. Lag over the bound (1 ms: any backlog): dropped mid-speech."""
-    up = await _engine(model_dir, **limits)
-    try:
+    async with engine(model_dir, **limits) as up:
         events = await asyncio.wait_for(_spoken(up, "en_broiler_water.wav"), 20)
         assert events[-1]["transcript"] == OVERLOADED_TRANSCRIPT
-    finally:
-        await up.close()
 
 
 @needs_audio
 async def test_without_a_recogniser_the_engine_keeps_its_placeholder(monkeypatch, model_dir) -> None:
     monkeypatch.setattr("voice.realtime.engine.recognition.unavailable_reason", lambda lang: "not installed")
-    up = await _engine(model_dir)
-    try:
+    async with engine(model_dir) as up:
         assert up.session._speech is None
         events = await _spoken(up, "en_broiler_water.wav")
         assert events[-1]["transcript"] == PLACEHOLDER_TRANSCRIPT
-    finally:
-        await up.close()
 
 
 @needs_speech
 @needs_audio
 async def test_french_sessions_stay_on_the_placeholder(model_dir) -> None:
-    up = await _engine(model_dir)
-    try:
-        await up.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
-            "input": {"transcription": {"model": "gpt-4o-transcribe", "language": "fr"}}}}}))
+    async with engine(model_dir) as up:
+        french = {"transcription": {"model": STREAMING_TRANSCRIPTION_MODEL, "language": "fr"}}
+        await send(up, type="session.update", session={"type": "realtime", "audio": {"input": french}})
         assert (await recv(up))["type"] == "session.updated"
         events = await _spoken(up, "fr_brooding_temperature.wav")
         assert events[-1]["transcript"] == PLACEHOLDER_TRANSCRIPT
-    finally:
-        await up.close()
 
 
 @needs_speech
@@ -197,39 +197,29 @@ def test_voice_ingest_rebuilds_the_speech_model(tmp_path, settings) -> None:
 @needs_speech
 @needs_audio
 async def test_answers_wait_for_the_committed_turns_final_not_for_the_next_turn(model_dir) -> None:
-    up = await _engine(model_dir)
-    try:
+    async with engine(model_dir) as up:
         await _spoken(up, "en_brooding_temperature.wav", pace=0.01)
         frames = wav_frames("en_broiler_water.wav")
         for frame in frames[: len(frames) // 2]:  # the next question, cut mid-speech: no commit, no final
             await send(up, type="input_audio_buffer.append", audio=frame)
             await asyncio.sleep(0.005)
         await send(up, type="response.create")
-        events = []
-        while not events or events[-1]["type"] != "response.done":
-            events.append(await recv(up, timeout=10))
-        assert events[-1]["response"]["status"] == "completed"
+        done, events = await until(up, "response.done", timeout=10)
+        assert done["response"]["status"] == "completed"
         assert not [e for e in events if e["type"].endswith("input_audio_transcription.completed")]
-    finally:
-        await up.close()
 
 
 @needs_speech
 @needs_audio
 async def test_an_automatic_answer_reads_the_recognised_question(model_dir) -> None:
-    up = await _engine(model_dir)
-    try:
+    async with engine(model_dir) as up:
         await configure(up, create_response=True)
-        events = []
         for frame in wav_frames("en_broiler_water.wav"):
             await send(up, type="input_audio_buffer.append", audio=frame)
             await asyncio.sleep(0.01)
-        while not events or events[-1]["type"] != "response.done":
-            events.append(await recv(up, timeout=20))
+        _, events = await until(up, "response.done", timeout=20)
         kinds = [e["type"] for e in events]
         # The response started at commit but read its question only once the final transcript was out.
         assert kinds.index("response.created") < kinds.index("response.output_item.added")
         assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index(
             "response.output_item.added")
-    finally:
-        await up.close()
