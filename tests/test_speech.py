@@ -19,10 +19,10 @@ import pytest
 from tests.conftest import AUDIO
 from tests.test_engine import cfg, configure, recv, send, until, wav_frames
 from voice.realtime.engine import PLACEHOLDER_TRANSCRIPT, LocalUpstream
-from voice.realtime.engine.recognition import OVERLOADED_TRANSCRIPT, newly_stable
+from voice.realtime.engine.recognition import OVERLOADED_TRANSCRIPT, UNAVAILABLE_TRANSCRIPT, newly_stable
 from voice.realtime.engine.stt import domain_lm, unavailable_reason
 from voice.realtime.engine.stt.resample import Resampler24to16
-from voice.realtime.engine.stt.service import RecognitionService, stop_services
+from voice.realtime.engine.stt.service import RESTART_BACKOFF_S, RecognitionService, stop_services
 from voice.realtime.engine.stt.wer import word_error_rate
 
 SPEECH_MISSING = unavailable_reason("en")
@@ -156,6 +156,26 @@ async def test_beyond_capacity_a_placeholder_never_a_stall(model_dir, limits) ->
     async with engine(model_dir, **limits) as up:
         events = await asyncio.wait_for(_spoken(up, "en_broiler_water.wav"), 20)
         assert events[-1]["transcript"] == OVERLOADED_TRANSCRIPT
+
+
+@needs_speech
+@needs_audio
+async def test_a_dead_worker_gives_a_placeholder_and_is_restarted(tmp_path) -> None:
+    async with engine(tmp_path) as up:
+        service = up.session._speech.service
+        frames = wav_frames("en_brooding_temperature.wav")
+        for frame in frames[:60]:  # mid-question
+            await send(up, type="input_audio_buffer.append", audio=frame)
+            await asyncio.sleep(0.005)
+        service._proc.kill()
+        for frame in frames[60:]:
+            await send(up, type="input_audio_buffer.append", audio=frame)
+        done, _ = await until(up, "conversation.item.input_audio_transcription.completed", timeout=10)
+        assert done["transcript"] == UNAVAILABLE_TRANSCRIPT
+        await asyncio.sleep(RESTART_BACKOFF_S)
+        await worker_ready(service)  # the next utterance starts a new worker
+        events = await _spoken(up, "en_brooding_temperature.wav", pace=0.01)
+        assert "temperature" in events[-1]["transcript"]
 
 
 @needs_audio

@@ -251,6 +251,8 @@ class RecognitionService:
         """The worker exited: every open utterance gets an 'unavailable' final; the next open restarts it."""
         if proc is self._proc:
             self.ready = False
+            if not self._stopping:  # refused (a placeholder at once) until a restarted worker is ready
+                self.failed_reason = "the recognition worker exited"
         with self._lock:
             orphans, self._streams = list(self._streams.values()), {}
         for stream in orphans:
