@@ -37,7 +37,11 @@ def unavailable_reason(language: str | None = ENGLISH) -> str | None:
     """Why no recogniser can serve `language` here (None when one can)."""
     if (language or ENGLISH).split("-")[0].lower() != ENGLISH:
         return f"no offline recogniser for language {language!r} (English only; see docs/DEPLOYMENT.md)"
-    if importlib.util.find_spec("pocketsphinx") is None:
+    try:
+        found = importlib.util.find_spec("pocketsphinx") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as none
+        found = False
+    if not found:
         return "pocketsphinx is not installed (pip install -r requirements/speech.txt)"
     return None
 
