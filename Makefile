@@ -3,17 +3,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements/base.txt requirements/local.txt | sha1sum | cut -c1-12)
+REQS := requirements/base.txt requirements/local.txt requirements/speech.txt
+STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 export DJANGO_SETTINGS_MODULE := intelia_voice.settings
 
 .PHONY: run test bootstrap redis migrate embedded lint bench clean
 
-$(STAMP): requirements/base.txt requirements/local.txt
+$(STAMP): $(REQS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -r requirements/local.txt
+	@$(PY) -m pip install -q -r requirements/speech.txt || echo "warning: no offline speech recognition (speech tests will be skipped)"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 bootstrap: $(STAMP) redis

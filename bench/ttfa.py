@@ -21,6 +21,14 @@ between turns (an open microphone), several sessions in parallel. TTFA is measur
 
   .venv/bin/python bench/ttfa.py              # 5 sessions x 4 turns per mode (~4 min)
   .venv/bin/python bench/ttfa.py --quick      # 3 sessions x 2 turns per mode (~1.5 min)
+
+--speech: real recognised speech instead of the script. The engine has no script and recognises the
+English WAVs itself (voice/realtime/engine/stt, PocketSphinx in a worker process), so partial transcripts
+arrive when the recogniser has them; modes default to no_rag,option_b. Also reported per turn: when the
+5th transcript word reached the client relative to the end of speech (speech_stopped minus the VAD's
+500 ms of silence; negative = before the user stopped), the recognised transcript and its WER.
+
+  .venv/bin/python bench/ttfa.py --speech --sessions 3 --turns 4
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import asyncio
 import base64
 import json
 import sys
+import tempfile
 import time
 import wave
 from pathlib import Path
@@ -56,6 +65,7 @@ from bench.common import (
 
 FRAME_BYTES = 1920  # 40 ms
 FRAME_S = 0.040
+VAD_SILENCE_S = 0.5  # the gateway's VOICE_VAD_SILENCE_MS: speech_stopped comes this long after speech end
 MODES: dict[str, dict[str, Any]] = {
     "no_rag": {"RAG_BACKEND": "off"},
     "option_a": {"RAG_BACKEND": "local", "RAG_PREFETCH_MIN_WORDS": 1000, "RAG_WAIT_TIMEOUT_MS": 2000},
@@ -114,6 +124,11 @@ async def run_session(url: str, token: str, turns: list[tuple[str, bytes]], n_tu
             elif kind == "conversation.item.input_audio_transcription.delta":
                 if "first_partial" not in turn:
                     turn["first_partial"] = now
+                turn["partial_text"] = turn.get("partial_text", "") + str(event.get("delta") or "")
+                if "fifth_word" not in turn and len(turn["partial_text"].split()) >= 5:
+                    turn["fifth_word"] = now
+            elif kind == "conversation.item.input_audio_transcription.completed" and "transcript" not in turn:
+                turn["transcript"] = event.get("transcript") or ""
             elif kind == "gateway.rag.context":
                 turn["rag"] = {"injected": event.get("injected"), "latency_ms": event.get("latency_ms"),
                                "sources": len(event.get("sources") or []), "at": now}
@@ -172,6 +187,29 @@ async def run_mode(url: str, tokens: list[str], turns: list[tuple[str, bytes]], 
     return out, errors
 
 
+def warm_recogniser(model_dir: Path, pcm: bytes) -> None:
+    """Build the speech model and decode one question, so the engine's first utterance is not a cold one
+    (decoded twice: docs/BENCHMARKS.md, section 6, measures that start-up separately)."""
+    from voice.realtime.engine.stt.pocketsphinx_recogniser import PocketSphinxRecogniser
+
+    recogniser = PocketSphinxRecogniser(model_dir)
+    recogniser.feed(pcm)
+    recogniser.finish()
+
+
+def speech_figures(turns: list[dict[str, Any]], references: dict[str, str]) -> dict[str, Any]:
+    """--speech: when the 5th word arrived relative to speech end, and the recognised transcripts' WER."""
+    from voice.realtime.engine.stt.wer import word_error_rate
+
+    fifth = [(t["fifth_word"] - (t["speech_stopped"] - VAD_SILENCE_S)) * 1000
+             for t in turns if "fifth_word" in t and "speech_stopped" in t]
+    wer = [word_error_rate(references[t["file"]], t["transcript"]) for t in turns if "transcript" in t]
+    return {"fifth_word_vs_speech_end_ms": {"p50": pct(fifth, 50), "p95": pct(fifth, 95),
+                                            "max": max(fifth) if fifth else None, "n": len(fifth)},
+            "wer_mean": sum(wer) / len(wer) if wer else None, "wer_max": max(wer) if wer else None,
+            "transcripts": sorted({t.get("transcript", "") for t in turns})}
+
+
 def summarise(mode: str, turns: list[dict[str, Any]], errors: list[str]) -> dict[str, Any]:
     ttfa = [(t["first_audio"] - t["speech_stopped"]) * 1000
             for t in turns if "first_audio" in t and "speech_stopped" in t]
@@ -187,7 +225,7 @@ def summarise(mode: str, turns: list[dict[str, Any]], errors: list[str]) -> dict
 
 
 def run_modes(args: argparse.Namespace, tag: str, engine_url: str,
-              audio: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+              audio: list[tuple[str, bytes]], references: dict[str, str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         port = free_port()
@@ -204,6 +242,8 @@ def run_modes(args: argparse.Namespace, tag: str, engine_url: str,
         summary = summarise(mode, turns, errors)
         summary["loadavg_before"] = load_before
         summary["env"] = {**BASE, **MODES[mode]}
+        if references:
+            summary["speech"] = speech_figures(turns, references)
         results.append(summary)
         t = summary["ttfa_ms"]
         print(f"{mode:9s} turns {summary['turns']:3d} TTFA p50 {t['p50']:.0f} p95 {t['p95']:.0f} max {t['max']:.0f} ms "
@@ -218,24 +258,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--server-cpu", type=int, default=-1, help="pin the gateway to this core (-1: unpinned)")
     parser.add_argument("--db", default="/tmp/bench-ttfa.sqlite3")
+    parser.add_argument("--speech", action="store_true", help="recognised English speech instead of the script")
     args = parser.parse_args(argv)
     if args.quick:
         args.sessions, args.turns = 3, 2
+    if args.speech and args.modes == parser.get_default("modes"):
+        args.modes = "no_rag,option_b"
     started = time.time()
     prepare_db(args.db)
     setup_django(args.db)
     audio, script = load_audio()
     script_path = Path("/tmp/bench-ttfa-script.json")
     script_path.write_text(json.dumps(script, ensure_ascii=False))
+    references = None
+    engine_env: dict[str, Any] = {**ENGINE, "LOCAL_ENGINE_SCRIPT": str(script_path)}
+    if args.speech:  # English only: there is no French recogniser
+        references = dict(zip([name for name, _ in audio], script, strict=True))
+        audio = [(name, pcm) for name, pcm in audio if name.startswith("en_")]
+        model_dir = Path(tempfile.mkdtemp(prefix="bench-ttfa-speech-"))
+        warm_recogniser(model_dir, audio[0][1])
+        engine_env.update(LOCAL_ENGINE_SCRIPT="", LOCAL_ENGINE_STT="auto", LOCAL_ENGINE_STT_MODEL_DIR=str(model_dir))
     info = machine()
     tag = time.strftime("%H%M%S")
     # One standalone engine for every mode (`manage.py realtime_engine`): in process, the engine would fall
     # back to its own retrieval when the gateway injected nothing, which OpenAI never does.
     engine_port = free_port()
     engine = Server("ttfa-engine", [PYTHON, "manage.py", "realtime_engine", "--port", str(engine_port)],
-                    engine_port, env=bench_env(args.db, **ENGINE, LOCAL_ENGINE_SCRIPT=str(script_path))).wait_ready()
+                    engine_port, env=bench_env(args.db, **engine_env)).wait_ready()
     try:
-        results = run_modes(args, tag, f"ws://127.0.0.1:{engine_port}/v1/realtime", audio)
+        results = run_modes(args, tag, f"ws://127.0.0.1:{engine_port}/v1/realtime", audio, references)
     finally:
         engine.stop()
     by = {r["mode"]: r for r in results}
@@ -260,13 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"bench": "ttfa", "args": vars(args), "machine": info, "loadavg_at_end": loadavg(),
                "elapsed_s": time.time() - started, "engine": ENGINE, "gateway": BASE, "script": script,
                "results": results, "verdict": verdict}
-    path = write_result("ttfa", payload)
+    path = write_result("ttfa-speech" if args.speech else "ttfa", payload)
     print()
     print(table(["mode", "turns", "TTFA p50 ms", "TTFA p95 ms", "max ms", "context injected", "retrieval p50 ms"],
                 [[r["mode"], r["turns"], r["ttfa_ms"]["p50"], r["ttfa_ms"]["p95"], r["ttfa_ms"]["max"],
                   f"{r['injected']}/{r['turns']} ({100 * (r['injected_share'] or 0):.0f} %)",
                   r["retrieval_latency_ms_p50"]] for r in results]))
     print("\n" + json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in verdict.items()}))
+    for r in results:
+        if "speech" in r:
+            print(f"{r['mode']}: 5th word vs speech end {r['speech']['fifth_word_vs_speech_end_ms']}, "
+                  f"WER mean {r['speech']['wer_mean']}")
     print(f"raw results: {path.relative_to(ROOT)} ({payload['elapsed_s']:.0f} s, load {loadavg()})")
     return 0
 

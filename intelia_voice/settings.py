@@ -195,6 +195,12 @@ LOCAL_ENGINE_SPEED = env.float("LOCAL_ENGINE_SPEED", default=8.0)  # audio strea
 LOCAL_ENGINE_TTS = env.str("LOCAL_ENGINE_TTS", default="auto")  # auto | espeak | tone
 # Scripted transcript deltas during speech; unset: only when the session's transcription model streams (as OpenAI).
 LOCAL_ENGINE_PARTIAL_TRANSCRIPTS = env.bool("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", default=None)
+# Offline speech recognition of spoken turns (requirements/speech.txt): auto | off. The domain language
+# model lives in LOCAL_ENGINE_STT_MODEL_DIR, rebuilt by voice_ingest (built from voice/knowledge if absent).
+LOCAL_ENGINE_STT = env.str("LOCAL_ENGINE_STT", default="auto")
+LOCAL_ENGINE_STT_MODEL_DIR = str(BASE_DIR / env.str("LOCAL_ENGINE_STT_MODEL_DIR", default="var/speech"))
+LOCAL_ENGINE_STT_MAX_STREAMS = env.int("LOCAL_ENGINE_STT_MAX_STREAMS", default=8)  # utterances at once
+LOCAL_ENGINE_STT_MAX_LAG_MS = env.int("LOCAL_ENGINE_STT_MAX_LAG_MS", default=2000)  # then: placeholder
 
 # --- Auth (JWT) --------------------------------------------------------------------------------
 JWT_SIGNING_KEY = env.str("JWT_SIGNING_KEY", default="") or SECRET_KEY

@@ -11,6 +11,7 @@ Playwright's loop is alive (the fixtures tear the browser down before the databa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -113,21 +114,21 @@ class BrowserPage:
         return [line for line in self.console if "Content Security Policy" in line]
 
 
-@pytest.fixture
-def browser_page(demo_server) -> Iterator[BrowserPage]:
-    """A fresh Chromium whose microphone is the recorded question (torn down before the DB flush)."""
+@contextlib.contextmanager
+def open_browser_page(server, microphone_wav: Path) -> Iterator[BrowserPage]:
+    """A fresh phone-sized Chromium page whose microphone plays `microphone_wav` (looped)."""
     from playwright.sync_api import sync_playwright
 
     args = [
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={FAKE_MIC_WAV}",
+        "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone_wav}",
         "--autoplay-policy=no-user-gesture-required",
     ]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args, headless=True)
         try:
-            origin = demo_server.http_url
+            origin = server.http_url
             context = browser.new_context(viewport={"width": 390, "height": 844},  # a phone-sized screen
                                           permissions=["microphone"])
             context.grant_permissions(["microphone"], origin=origin)
@@ -137,6 +138,13 @@ def browser_page(demo_server) -> Iterator[BrowserPage]:
             context.close()
         finally:
             browser.close()
+
+
+@pytest.fixture
+def browser_page(demo_server) -> Iterator[BrowserPage]:
+    """A fresh Chromium whose microphone is the recorded question (torn down before the DB flush)."""
+    with open_browser_page(demo_server, FAKE_MIC_WAV) as page:
+        yield page
 
 
 def _demo_url(server, **params: str) -> str:

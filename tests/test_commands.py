@@ -255,6 +255,7 @@ def test_health_ok_with_real_redis(settings):
     assert report["ok"] is True
     assert report["checks"]["redis"]["status"] == "ok"
     assert report["checks"]["upstream"]["status"] == "ok"
+    assert "speech" in report["checks"]["upstream"]["detail"]  # the local engine says whether it hears
 
 
 def test_health_shows_each_plans_model_and_warns_before_a_shutdown(settings):

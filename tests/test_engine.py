@@ -20,8 +20,9 @@ needs_audio = pytest.mark.skipif(not AUDIO.is_dir(), reason="shared test audio n
 
 
 def cfg(**kw: Any) -> EngineConfig:
-    """A fast, deterministic engine: tone TTS, audio at 1000x, no RAG, no script."""
+    """A fast, deterministic engine: tone TTS, audio at 1000x, no RAG, no script, no recognition."""
     base: dict[str, Any] = {
+        "recognition": "off",
         "speed": 1000.0,
         "tts": "tone",
         "use_rag": False,

@@ -40,7 +40,7 @@ def check_database() -> dict[str, Any]:
 async def check_upstream() -> dict[str, Any]:
     """The realtime upstream: local engine always OK; OpenAI: key configured and host reachable (TCP)."""
     if settings.VOICE_UPSTREAM != "openai":
-        return {"status": OK, "detail": f"{settings.VOICE_UPSTREAM} engine (in process)"}
+        return {"status": OK, "detail": f"{settings.VOICE_UPSTREAM} engine (in process); {local_speech()}"}
     url = urlparse(settings.OPENAI_REALTIME_URL)
     host = url.hostname or ""
     port = url.port or (443 if url.scheme in ("wss", "https") else 80)
@@ -54,6 +54,16 @@ async def check_upstream() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return {"status": OK, "detail": f"{host}:{port} reachable"}
+
+
+def local_speech() -> str:
+    """What the local engine does with spoken turns (offline recognition is optional)."""
+    from voice.realtime.engine.stt import unavailable_reason
+
+    if settings.LOCAL_ENGINE_STT == "off":
+        return "speech recognition off (LOCAL_ENGINE_STT)"
+    reason = unavailable_reason("en")
+    return "English speech recognised offline" if reason is None else f"speech not recognised: {reason}"
 
 
 async def check_knowledge() -> dict[str, Any]:

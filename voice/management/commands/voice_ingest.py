@@ -63,6 +63,27 @@ class Command(BaseCommand):
                 f"Ingested {len(files)} file(s) as {chunks} chunk(s) into {retriever.name} in {elapsed:.2f}s"
             )
         )
+        self._rebuild_speech_model(files, reset=options["reset"])
+
+    def _rebuild_speech_model(self, files: list[Path], *, reset: bool) -> None:
+        """The local engine's speech recogniser listens for the knowledge base's words: rebuild its model."""
+        from voice.realtime.engine.stt import unavailable_reason
+
+        reason = unavailable_reason("en")
+        if reason is not None:
+            self.stdout.write(f"Speech model not rebuilt: {reason}.")
+            return
+        from voice.realtime.engine.stt.knowledge import rebuild
+
+        model_dir = Path(settings.LOCAL_ENGINE_STT_MODEL_DIR)
+        try:
+            summary = rebuild(model_dir, files, reset=reset)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"Speech model rebuild failed: {exc}") from exc
+        self.stdout.write(
+            f"Speech model rebuilt in {model_dir}: {summary['words']} words from {summary['files']} English "
+            f"file(s); running engines use it from their next utterance."
+        )
 
     async def _ingest(self, retriever: Retriever, files: list[Path], *, reset: bool) -> int:
         try:

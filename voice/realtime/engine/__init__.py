@@ -1,8 +1,10 @@
 """Local realtime engine: an in-process implementation of the OpenAI Realtime GA server protocol.
 
 It lets the product run, be tested and be benchmarked offline. It is honest about what it is: it
-detects turns with an energy VAD but cannot recognise speech, so spoken turns get their transcript
-from a script (`EngineConfig.script`) or a placeholder, and answers come from injected context, a
+detects turns with an energy VAD and recognises English speech when `requirements/speech.txt` is
+installed (`stt/`, `recognition.py`: partial transcripts while the user speaks, the final after commit);
+otherwise, for French, or when a script is set (`EngineConfig.script`, which wins), spoken turns get
+their transcript from the script or a placeholder. Answers come from injected context, a
 configured `answerer`, `voice.rag` when present, or a short fallback. Response audio is espeak-ng
 when installed, else a speech-like tone (the default in tests).
 

@@ -44,6 +44,12 @@ class EngineConfig:
     partial_transcripts: bool | None = field(
         default_factory=lambda: setting("LOCAL_ENGINE_PARTIAL_TRANSCRIPTS", None)
     )
+    # "auto": recognise spoken turns (stt/) when a recogniser is installed and no script is set; "off".
+    recognition: str = field(default_factory=lambda: str(setting("LOCAL_ENGINE_STT", "auto")))
+    stt_model_dir: str = field(default_factory=lambda: str(setting("LOCAL_ENGINE_STT_MODEL_DIR", "var/speech")))
+    stt_max_streams: int = field(default_factory=lambda: int(setting("LOCAL_ENGINE_STT_MAX_STREAMS", 8)))
+    stt_max_lag_ms: int = field(default_factory=lambda: int(setting("LOCAL_ENGINE_STT_MAX_LAG_MS", 2000)))
+    stt_final_timeout_ms: int = 3000  # commit -> final transcript, else a placeholder
     partial_word_ms: int = 250  # one early transcript word per this much detected speech
     answerer: Answerer | None = None
     use_rag: bool = True  # try voice.rag for questions with a known text
@@ -67,9 +73,16 @@ class EngineConfig:
             self._transcripts = [str(s) for s in (script or [])]
         return self._transcripts
 
-    def partials_enabled(self, streaming_model: bool) -> bool:
-        """Called per spoken chunk: whether a session whose transcription model streams (or not) gets
-        transcript deltas during speech (only scripted words can be sent: the engine cannot recognise)."""
-        if not self.transcripts():
+    @property
+    def recognises(self) -> bool:
+        """Whether spoken turns are recognised for real (no script, recognition on, a recogniser installed)."""
+        if self.recognition == "off" or self.transcripts():
             return False
+        from .recognition import SpeechInput
+
+        return SpeechInput.available()
+
+    def partials_enabled(self, streaming_model: bool) -> bool:
+        """Called per spoken chunk or hypothesis: whether a session whose transcription model streams (or
+        not) gets transcript deltas during speech (scripted words, or recognised ones: recognition.py)."""
         return streaming_model if self.partial_transcripts is None else self.partial_transcripts

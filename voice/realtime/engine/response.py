@@ -92,6 +92,7 @@ async def _run(s: EngineSession, r: ResponseState) -> None:
     )
     if r.fail and r.fail not in faults.IN_STREAM:
         return faults.fail_response(s, r, r.fail)
+    await s.recognition_settled()  # a spoken question's transcript follows its commit by a few ms
     question, context = s.conversation.current_turn()
     base_instructions = s.session.get("instructions") or ""
     if not context and base_instructions and r.instructions.startswith(base_instructions):

@@ -2,7 +2,8 @@
 
 Client events go in through `receive(text)` (synchronous: parsing and dispatch never await); server
 events come out of `out` (an asyncio.Queue of JSON text, then one `EngineClosed` when the session ends).
-Responses and delayed transcriptions run as tasks on the caller's event loop; no threads.
+Responses and delayed transcriptions run as tasks on the caller's event loop; speech recognition
+(when installed, see recognition.py) runs in a worker process and reports back through callbacks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import binascii
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from voice.realtime import protocol_tap
@@ -32,6 +34,8 @@ from .protocol import (
     vad_params,
     validate_session,
 )  # fmt: skip
+from .recognition import SpeechInput, TurnSpeech
+from .stt.service import OK
 from .vad import BYTES_PER_MS, EnergyVad
 
 MIN_COMMIT_BYTES = 100 * BYTES_PER_MS
@@ -47,13 +51,15 @@ class EngineClosed:
 
 @dataclass
 class Turn:
-    """The user turn being spoken: its item id and (scripted) transcript, for early deltas."""
+    """The user turn being spoken: its item id and (scripted or recognised) transcript, for early deltas."""
 
     item_id: str
     start_ms: int
     transcript: str
     known: bool
     words_sent: int = 0
+    speech: TurnSpeech | None = None  # being recognised (transcript known once speech.final is done)
+    item: dict | None = None  # the committed item, whose transcript the recognition completes
 
 
 class EngineSession:
@@ -80,6 +86,13 @@ class EngineSession:
         self._expiry: asyncio.TimerHandle | None = None
         self._vad: EnergyVad | None = None
         self._configure_vad()
+        self._speech: SpeechInput | None = None
+        if self.config.recognises:
+            self._speech = SpeechInput(
+                Path(self.config.stt_model_dir), max_streams=self.config.stt_max_streams,
+                max_lag_ms=self.config.stt_max_lag_ms, final_timeout_ms=self.config.stt_final_timeout_ms,
+            )  # fmt: skip
+        self._recognising: dict[str, Turn] = {}  # item id -> turns being recognised (final pending)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +119,9 @@ class EngineSession:
             task.cancel()
         if self.active is not None and self.active.task is not None:
             self.active.task.cancel()
+        for turn in list(self._recognising.values()):
+            turn.speech.cancel()
+        self._recognising.clear()
 
     def _expire(self) -> None:
         self.inject("error", "session_expired")
@@ -167,6 +183,10 @@ class EngineSession:
             return
         self._clock_bytes += len(pcm)
         self._buffer_bytes += len(pcm)
+        if self._speech is not None:
+            self._speech.heard(pcm)
+            if self._turn is not None and self._turn.speech is not None and self._turn.speech.stream:
+                self._turn.speech.stream.feed(pcm)
         if self._vad is None:
             return
         for kind, ms in self._vad.feed(pcm):
@@ -189,11 +209,58 @@ class EngineSession:
 
     def _speech_started(self, start_ms: int) -> None:
         self._turn = Turn(new_id("item"), start_ms, *self._next_transcript())
+        if self._speech is not None:
+            self._start_recognition(self._turn)
         self.emit({"type": "input_audio_buffer.speech_started", "event_id": event_id(),
                    "audio_start_ms": start_ms, "item_id": self._turn.item_id})  # fmt: skip
         td = self.session["audio"]["input"]["turn_detection"] or {}
         if self.active is not None and td.get("interrupt_response"):
             responses.finish(self, self.active, "cancelled", {"type": "cancelled", "reason": "turn_detected"})
+
+    def _start_recognition(self, turn: Turn) -> None:
+        """Stream the turn's audio (from its padded start) to the recogniser, when its language has one."""
+        language = (self.session["audio"]["input"].get("transcription") or {}).get("language")
+        ago = self._clock_bytes // BYTES_PER_MS - turn.start_ms
+        turn.speech = self._speech.start(language, ago, lambda words: self._recognising_words(turn, words),
+                                         lambda text, why: self._recognised(turn, text, why))  # fmt: skip
+        if turn.speech is not None:
+            turn.transcript = ""
+            self._recognising[turn.item_id] = turn
+
+    def _recognising_words(self, turn: Turn, words: list[str]) -> None:
+        """Called with each new hypothesis of the recogniser: stable new words become transcript deltas."""
+        speech = turn.speech
+        if speech is None or self.closed or speech.final is None or speech.final.done():
+            return
+        new = speech.stable_words(words)
+        streaming = transcribes_during_speech(self.session)
+        if not (new and self._transcribing() and self.config.partials_enabled(streaming)):
+            return
+        for word in new:
+            self._transcript_delta(turn.item_id, word if not speech.sent else " " + word)
+            speech.sent.append(word)
+        turn.words_sent = len(speech.sent)
+
+    def _recognised(self, turn: Turn, text: str, reason: str) -> None:
+        """Called with the recogniser's final (or a placeholder): completes the turn's transcript."""
+        speech = turn.speech
+        if speech is None or self.closed or speech.final is None or speech.final.done():
+            return
+        self._recognising.pop(turn.item_id, None)
+        turn.transcript = speech.settle(text, reason)
+        turn.known = bool(text) and reason == OK
+        entry = self.conversation.by_id.get(turn.item_id)
+        if entry is not None:
+            entry.text, entry.known_text = turn.transcript, turn.known
+        if turn.item is not None:
+            self._transcribe_committed(turn, turn.item)
+
+    async def recognition_settled(self) -> None:
+        """Called by a response before reading the question: waits for the finals of committed turns (each
+        bounded by `stt_final_timeout_ms`), not for a turn still being spoken."""
+        pending = [t.speech.final for t in self._recognising.values() if t.item is not None and t.speech.final]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def _transcribing(self) -> bool:
         return bool(self.session["audio"]["input"].get("transcription"))
@@ -260,14 +327,23 @@ class EngineSession:
         self._turn, self._buffer_bytes = None, 0
         if self._vad is not None:
             self._vad.reset(self._clock_bytes // BYTES_PER_MS)
-        if self._transcribing():
-            if self.config.transcript_delay_ms > 0:
-                self._spawn(self._transcribe_later(turn, item))
-            else:
-                self._transcribe(turn, item)
+        turn.item = item
+        if turn.speech is not None and turn.item_id in self._recognising:
+            self._speech.finish(turn.speech)  # the transcript follows with the recogniser's final
+        else:
+            self._transcribe_committed(turn, item)
         td = self.session["audio"]["input"].get("turn_detection") or {}
         if auto and td.get("create_response") and self.active is None:
             self._start_response({}, None)
+
+    def _transcribe_committed(self, turn: Turn, item: dict) -> None:
+        """The input transcription of a committed turn, once its transcript is known."""
+        if not self._transcribing():
+            return
+        if self.config.transcript_delay_ms > 0:
+            self._spawn(self._transcribe_later(turn, item))
+        else:
+            self._transcribe(turn, item)
 
     async def _transcribe_later(self, turn: Turn, item: dict) -> None:
         await asyncio.sleep(self.config.transcript_delay_ms / 1000)
@@ -289,6 +365,9 @@ class EngineSession:
                              "output_tokens": out}})  # fmt: skip
 
     def _clear(self, ev: dict) -> None:
+        if self._turn is not None and self._turn.speech is not None:
+            self._turn.speech.cancel()
+            self._recognising.pop(self._turn.item_id, None)
         self._buffer_bytes, self._turn, self._slice_words = 0, None, []
         if self._vad is not None:
             self._vad.reset(self._clock_bytes // BYTES_PER_MS)
