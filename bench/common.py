@@ -143,6 +143,27 @@ class Server:
         self._log.close()
 
 
+def spawn_process(target: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
+    """Start `target(spec, out)` in a fresh (spawned) process; returns (process, its result queue)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=target, args=(spec, out))
+    proc.start()
+    return proc, out
+
+
+def collect_process(proc: Any, out: Any, timeout: float) -> dict[str, Any]:
+    """The result a spawned process put on its queue; the process is then reaped (killed if it hangs)."""
+    try:
+        return out.get(timeout=timeout)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as f:

@@ -36,7 +36,6 @@ import base64
 import contextlib
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import sys
@@ -52,6 +51,7 @@ from bench.common import (
     ROOT,
     Server,
     bench_env,
+    collect_process,
     cpu_busy_seconds,
     fmt,
     free_port,
@@ -65,6 +65,7 @@ from bench.common import (
     proc_cpu_seconds,
     proc_rss_mb,
     setup_django,
+    spawn_process,
     table,
     write_result,
 )
@@ -259,6 +260,8 @@ def _client_listener(want: str, st: dict[str, Any], sent_measured: set[int], i: 
                 sent_measured.discard(seq)
                 rtt = (now - int(t_s)) / 1e6
                 st["rtts"].append(rtt)
+                if st["rtt_at"] is not None:  # bench/storm.py: when each round trip ended
+                    st["rtt_at"].append(now / 1e9)
                 if rtt > 10 and len(st["spikes"]) < 5000:
                     st["spikes"].append((round(int(t_s) / 1e9 - t0, 3), round(rtt, 1), i))
 
@@ -353,7 +356,8 @@ class _Stream:
 
 async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
     st: dict[str, Any] = {"rtts": [], "lateness": [], "sent": 0, "dropped": 0, "reordered": 0, "connected": 0,
-                          "other_in": 0, "late_start": 0, "spikes": [], "connect_errors": [], "stream_errors": []}
+                          "other_in": 0, "late_start": 0, "spikes": [], "connect_errors": [], "stream_errors": [],
+                          "rtt_at": [] if spec.get("timed") else None}
     n = spec["sessions"]
     tokens = spec.get("tokens") or [None] * n
     sem = asyncio.Semaphore(spec.get("connect_concurrency", 16))
@@ -393,18 +397,8 @@ def _loadgen_main(spec: dict[str, Any], out: Any) -> None:
 
 
 def run_load(spec: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_loadgen_main, args=(spec, out))
-    proc.start()
     budget = spec["connect_budget"] + spec["warmup"] + spec["duration"] + spec["grace"] + 120
-    try:
-        result = out.get(timeout=budget)
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-    return result
+    return collect_process(*spawn_process(_loadgen_main, spec), budget)
 
 
 # ==== orchestration =========================================================================================
@@ -438,13 +432,18 @@ def _server_cmd(target: str, port: int) -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
+def gateway_env(upstream_url: str, db: str) -> dict[str, str]:
+    """A bench gateway's environment. Every feature on: JWT admission, Redis state and channel layer, Option B
+    retrieval (local index; the echo upstream sends no transcripts, so it never queries), metrics, and Sentry
+    (a DSN nobody answers)."""
+    return bench_env(db, VOICE_UPSTREAM="openai", OPENAI_REALTIME_URL=upstream_url, OPENAI_API_KEY="bench",
+                     RAG_BACKEND="local", SENTRY_DSN=os.environ.get("BENCH_SENTRY_DSN", "http://bench@127.0.0.1:9/1"))
+
+
 def start_targets(targets: list[str], upstream_url: str, server_cpu: int | None, upstream_port: int,
                   bursts: bool, db: str) -> dict[str, Any]:
     servers: dict[str, Any] = {}
-    # Every feature on: JWT admission, Redis state and channel layer, Option B retrieval (local index; the
-    # echo upstream sends no transcripts, so it never queries), metrics, and Sentry (a DSN nobody answers).
-    gw_env = bench_env(db, VOICE_UPSTREAM="openai", OPENAI_REALTIME_URL=upstream_url, OPENAI_API_KEY="bench",
-                       RAG_BACKEND="local", SENTRY_DSN=os.environ.get("BENCH_SENTRY_DSN", "http://bench@127.0.0.1:9/1"))
+    gw_env = gateway_env(upstream_url, db)
     for target in targets:
         if target == "direct":
             continue

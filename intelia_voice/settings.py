@@ -163,6 +163,8 @@ VOICE_VAD_PREFIX_MS = env.int("VOICE_VAD_PREFIX_MS", default=300)
 VOICE_ALLOWED_ORIGINS = env.list("VOICE_ALLOWED_ORIGINS", default=[])  # empty: ALLOWED_HOSTS rules
 VOICE_MAX_FRAME_BYTES = env.int("VOICE_MAX_FRAME_BYTES", default=1024 * 1024)
 VOICE_MAX_FRAMES_PER_SECOND = env.int("VOICE_MAX_FRAMES_PER_SECOND", default=100)
+# Connections admitted at once (JWT to gateway.session.ready); more wait their turn (voice/realtime/admission.py).
+VOICE_ADMISSION_CONCURRENCY = env.int("VOICE_ADMISSION_CONCURRENCY", default=16)
 VOICE_UPSTREAM_CONNECT_TIMEOUT = env.float("VOICE_UPSTREAM_CONNECT_TIMEOUT", default=10.0)
 VOICE_UPSTREAM_STALL_SECONDS = env.float("VOICE_UPSTREAM_STALL_SECONDS", default=30.0)
 VOICE_UPSTREAM_RECYCLE_SECONDS = env.int("VOICE_UPSTREAM_RECYCLE_SECONDS", default=55 * 60)

@@ -192,6 +192,20 @@ def engine_spy(monkeypatch):
     return received
 
 
+@pytest.fixture
+def websocket_engine(settings):
+    """The local engine behind its own WebSocket server, as the OpenAI upstream: the picows client and the
+    synchronous fast path both ways."""
+    from voice.realtime.engine.server import EngineServerThread
+
+    engine = EngineServerThread().start()
+    settings.VOICE_UPSTREAM = "openai"
+    settings.OPENAI_REALTIME_URL = engine.url
+    settings.OPENAI_API_KEY = "sk-test-local-engine-key"
+    yield engine
+    engine.stop()
+
+
 # --- Whole-suite secret scan -------------------------------------------------------------------------
 # Logs, Sentry envelopes and server responses of the whole suite are recorded under var/test-logs/ and
 # searched for anything secret-shaped at the end (tests/secret_scan.py): a hit fails the run.

@@ -202,6 +202,17 @@ class VoiceClient:
         return frames
 
 
+async def session_with_a_turn(url: str, token: str, text: str = "Litter moisture?") -> VoiceClient:
+    """A ready session that has had one answered text turn."""
+    client = await VoiceClient.open(url, token=token)
+    await client.wait_for("gateway.session.ready")
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    await client.send({"type": "response.create"})
+    await client.wait_for("response.done", timeout=15)
+    return client
+
+
 def read_wav(path: Path) -> bytes:
     with wave.open(str(path), "rb") as wav:
         assert wav.getframerate() == 24000 and wav.getsampwidth() == 2 and wav.getnchannels() == 1

@@ -145,6 +145,7 @@ async def test_ended_sessions_leave_no_tasks_behind(gateway, token_for) -> None:
     import httpx
 
     from tests.live import VoiceClient
+    from tests.live import session_with_a_turn as live_session_with_a_turn
 
     async def loop_tasks() -> int:
         async with httpx.AsyncClient(base_url=gateway.http_url) as http:
@@ -152,13 +153,7 @@ async def test_ended_sessions_leave_no_tasks_behind(gateway, token_for) -> None:
         return int(float(re.search(r"^voice_event_loop_tasks (\S+)$", body, re.M).group(1)))
 
     async def session_with_a_turn() -> VoiceClient:
-        client = await VoiceClient.open(gateway.ws_url, token=token_for())
-        await client.wait_for("gateway.session.ready")
-        await client.send({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Litter moisture?"}]}})
-        await client.send({"type": "response.create"})
-        await client.wait_for("response.done", timeout=15)
-        return client
+        return await live_session_with_a_turn(gateway.ws_url, token_for())
 
     async def settled(expected: int) -> int:
         count = await loop_tasks()

@@ -75,20 +75,6 @@ async def test_spoken_turn_in_process_engine(gateway, token_for, engine_spy) -> 
     assert turn.speech_ms and 3000 < turn.speech_ms < 7000
 
 
-@pytest.fixture
-def websocket_engine(settings):
-    """The local engine behind its own WebSocket server, as the OpenAI upstream: the picows client and the
-    synchronous fast path both ways."""
-    from voice.realtime.engine.server import EngineServerThread
-
-    engine = EngineServerThread().start()
-    settings.VOICE_UPSTREAM = "openai"
-    settings.OPENAI_REALTIME_URL = engine.url
-    settings.OPENAI_API_KEY = "sk-test-local-engine-key"
-    yield engine
-    engine.stop()
-
-
 @needs_audio
 async def test_audio_relayed_byte_for_byte_over_real_websocket(live_db, websocket_engine, token_for, engine_spy):
     from tests.live import LiveServer

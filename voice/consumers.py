@@ -27,6 +27,7 @@ from voice.consumer_supervision import SessionSupervision
 from voice.observability.logs import bind_session, clear_session
 from voice.realtime import registry
 from voice.realtime.accounting import TurnStats
+from voice.realtime.admission import admission_gate
 from voice.realtime.client_events import (
     ClientEventError,
     dump_event,
@@ -45,12 +46,10 @@ from voice.services.access import (
     Refusal,
     access_count_session_start,
     access_decide,
-    concurrency_key,
+    slot_release_begin,
 )
 from voice.services.auth import AuthError, Identity, identity_from_jwt, ticket_redeem
-from voice.services.db import run_db_write
-from voice.services.state import get_state
-from voice.services.stats import ACTIVE_SESSIONS_KEY
+from voice.services.db import run_db_write, submit_write
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +70,16 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self.scope = scope
         self.base_send = send
         self.channel_layer = get_channel_layer()
-        self.channel_name = await self.channel_layer.new_channel() if self.channel_layer else None
-        self._control: asyncio.Task[None] | None = None
+        self._control_joined: int | None = None  # the control channel's generation this session joined
         # The voice server's synchronous frame path (voice/server_ws.py); absent under daphne/runserver.
         self._fastpath: dict[str, Any] | None = scope.get("extensions", {}).get(FASTPATH_EXTENSION)
         self._ended = False
         self._finished = False
         self._superseded = False
         self._persisted = asyncio.Event()  # set once the session state (history) is saved at the end
+        self._slots_released: asyncio.Task[None] | None = None
+        self._gate: asyncio.Semaphore | None = None  # held from the handshake to ready (voice.realtime.admission)
+        self._meta_saving = self._meta_dirty = False
         # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
         self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
         self._frame_rate: float = settings.VOICE_MAX_FRAMES_PER_SECOND
@@ -89,9 +90,10 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         except StopConsumer:
             pass
         finally:
-            if self._control is not None:
-                self._control.cancel()
+            self._admission_done()  # a connection that ends before it is ready (or fails) lets the next in
+            self._supervision_stop()
             await self._finish("client_closed", None)
+            self._fastpath = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Called per ASGI/channel-layer message. Unlike Channels' own dispatch, it does not hop to the
@@ -103,7 +105,11 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
 
     # --- connect -------------------------------------------------------------------------------------
     async def websocket_connect(self, message: dict[str, Any]) -> None:
-        """Called on the handshake: accept, authenticate, admit, open the upstream."""
+        """Called on the handshake: accept, authenticate, admit, open the upstream (through the admission
+        gate, released once the session is ready or the connection ends)."""
+        gate = admission_gate()
+        await gate.acquire()
+        self._gate = gate
         offered = self.scope.get("subprotocols") or []
         await self.base_send(
             {"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None}
@@ -197,20 +203,24 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             logger.exception("session start failed")
             await self._end("internal_error", "internal_error", "Internal error", error=type(exc).__name__)
             return
-        self._control = asyncio.get_running_loop().create_task(self._supervise())
+        self._supervision_start()
         if self._fastpath is not None:
             self._fastpath["set_text_handler"](self._relay_frame_nowait)
 
     async def session_ready(self) -> None:
         """Called by the GatewaySession once the upstream is configured."""
         meta = self.meta
-        await session_services.session_meta_save(meta)
-        await run_db_write(session_services.voice_session_start,
-            meta=meta, user_pk=self.admission.user.pk, upstream=self.session.upstream_kind,
-            instance=self.instance, model=self.session.model,
-        )
-        if not self.resumed:
-            await access_count_session_start(identity=self.identity, plan=self.admission.plan)
+        # The row goes on the writer's queue without being awaited: in a reconnect storm every ready would
+        # wait behind the rows of all the admissions before it. The writer is first in, first out, so this
+        # row is written before any of the session's turn rows or its end record.
+        submit_write(functools.partial(
+            session_services.voice_session_start, meta=meta, user_pk=self.admission.user.pk,
+            upstream=self.session.upstream_kind, instance=self.instance, model=self.session.model,
+            resumed=self.resumed,
+        ))
+        counted = () if self.resumed else (access_count_session_start(identity=self.identity,
+                                                                        plan=self.admission.plan),)
+        await asyncio.gather(session_services.session_meta_save(meta), *counted)  # resume state before ready
         remaining = max(0, int(self.deadline - time.monotonic()))
         await self._send_event({
             "type": "gateway.session.ready",
@@ -223,19 +233,36 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
                 session_id=meta.session_id, user_id=meta.user_id),
             "resumed": self.resumed,
         })
+        self._admission_done()
 
     async def session_failed(self, reason: str, error_code: str, message: str) -> None:
         """Called by the GatewaySession when the upstream is lost or refuses the session."""
         await self._end(reason, error_code, message, error=error_code)
 
     async def turn_completed(self, turn: TurnStats) -> None:
-        """Called by the GatewaySession after each response: write the turn, keep the resume state current."""
-        self.session.spawn(session_services.turns_save(session_id=self.session_id, stats=self.session.stats))
+        """Called by the GatewaySession (in its reader) after each response: write the turn and keep the
+        resume state current, both in the background: the reader waits on no thread, pool or lock."""
+        session_services.turn_rows_put(session_id=self.session_id, stats=self.session.stats)
         self.meta.turns = turn.index + 1
         self.meta.history = self.session.history if self.session else []
         self.meta.used_s = self._used_seconds()
-        with contextlib.suppress(Exception):
-            await session_services.session_meta_save(self.meta)
+        if self._meta_saving:
+            self._meta_dirty = True  # the save in flight is followed by one more with the latest state
+        else:
+            self._meta_saving = True
+            self.session.spawn(self._save_meta())
+
+    async def _save_meta(self) -> None:
+        """The resume state to Redis, again while turns completed during the previous save."""
+        try:
+            while True:
+                self._meta_dirty = False
+                with contextlib.suppress(Exception):
+                    await session_services.session_meta_save(self.meta)
+                if not self._meta_dirty:
+                    return
+        finally:
+            self._meta_saving = False
 
     # --- frames --------------------------------------------------------------------------------------
     async def websocket_receive(self, message: dict[str, Any]) -> None:
@@ -324,7 +351,14 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         await self._send_text(dump_event(event))
 
     # --- ending ----------------------------------------------------------------------------------------
+    def _admission_done(self) -> None:
+        """Called once the session is ready, refused or over: the next connection in line is admitted."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.release()
+
     async def _refuse(self, refusal: Refusal) -> None:
+        self._admission_done()
         await self._send_event(refusal.event())
         # The reason is best-effort (some servers drop it); the gateway.error event is the contract.
         await self.base_send({"type": "websocket.close", "code": refusal.close_code, "reason": refusal.message[:120]})
@@ -336,6 +370,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if self._ended:
             return
         code = close_code or CLOSE_CODES.get(reason, 4500)
+        self._give_back_slots(reason)  # before the client can see the close and redial
+        self._admission_done()
         if error_code:
             await self._send_event({"type": "gateway.error", "code": error_code, "message": message})
         self._stop_fast_path()
@@ -353,6 +389,16 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._persisted.wait(), 5)
 
+    def _give_back_slots(self, reason: str) -> None:
+        """Called synchronously as an admitted connection starts ending: its slots go back now, before the
+        close handshake and anything slow (upstream close, rows), so a redial is never refused."""
+        if self._slots_released is not None or self.session is None or reason == "draining" or self._superseded:
+            # A drained client resumes elsewhere at once under the same session id: releasing here could
+            # delete the slot the new instance just took. Unrefreshed slots expire in 30 s.
+            return
+        self._slots_released = slot_release_begin(external_user_id=self.identity.user_id,
+                                                  session_id=self.session_id)
+
     def _used_seconds(self) -> float:
         return self.meta.used_s + (time.monotonic() - self.connected_at)
 
@@ -366,11 +412,10 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if self._finished or self.session is None:
             return
         self._finished = True
+        self._give_back_slots(reason)
+        self._supervision_stop()
         self._stop_fast_path()
         session = self.session
-        listener = getattr(self, "_control_listener", None)
-        if listener is not None and listener is not asyncio.current_task():
-            listener.cancel()
         await session.close()
         if getattr(self, "_counted_active", False):
             metrics.ACTIVE_SESSIONS.dec()
@@ -379,13 +424,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         meta.used_s += connected
         session.keep_unfinished_turn()  # an answer cut by the end of the link: its question stays in the history
         meta.history, meta.turns = session.history, session.turn_offset + session.stats.turn_count
-        state = get_state()
+        if self._slots_released is not None:
+            await self._slots_released
         with contextlib.suppress(Exception):
-            if reason != "draining" and not self._superseded:
-                # A drained client resumes elsewhere at once under the same session id: releasing here
-                # could delete the slot the new instance just took. Unrefreshed slots expire in 30 s.
-                await state.slot_release(concurrency_key(self.identity.user_id), self.session_id)
-                await state.slot_release(ACTIVE_SESSIONS_KEY, self.session_id)
             await session_services.session_meta_save(meta)
         # Registered until its state is saved: a resume arriving meanwhile finds it and waits (supersede).
         registry.unregister(self)
@@ -409,6 +450,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             session.stats.cost_usd,
         )
         clear_session()
+        self.session = None  # the session refers back to this consumer (its listener): no cycle left
 
 
 def _never(payload: bytes) -> bool:

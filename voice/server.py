@@ -44,6 +44,8 @@ class VoiceServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Called by uvicorn after SIGTERM/SIGINT (or should_exit)."""
+        from voice.consumer_supervision import supervisor_close
+        from voice.realtime.control import control_channel_close
         from voice.realtime.registry import drain_all
 
         if getattr(self, "_lag_probe", None) is not None:
@@ -53,6 +55,8 @@ class VoiceServer(uvicorn.Server):
         for server in self.servers:
             server.close()  # stop accepting before telling clients to reconnect elsewhere
         if self.force_exit:  # a second SIGINT (or a test simulating a crash): no drain
+            control_channel_close()
+            supervisor_close()
             await super().shutdown(sockets)
             return
         try:
@@ -61,6 +65,8 @@ class VoiceServer(uvicorn.Server):
                 logger.warning("drained %d voice sessions", drained)
         except TimeoutError:
             logger.error("voice drain exceeded its grace period")
+        control_channel_close()
+        supervisor_close()
         await super().shutdown(sockets)
 
 

@@ -71,6 +71,14 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
                 "send_text_nowait": self.send_text_nowait,
             }
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Called by the event loop once the socket is gone."""
+        super().connection_lost(exc)
+        # The scope's extension holds this protocol's bound methods (a cycle through the scope): without it,
+        # an ended connection is freed by reference counting instead of by the next full collection.
+        getattr(self, "scope", {}).get("extensions", {}).pop(FASTPATH_EXTENSION, None)
+        self.queue.bypass = None
+
     def set_text_handler(self, handler: BypassHandler | None) -> None:
         """Called by the app (once accepted) to relay text frames synchronously while it is idle."""
         self.queue.bypass = handler

@@ -119,6 +119,7 @@ def init_sentry(
     import sentry_sdk
     from sentry_sdk.integrations.django import DjangoIntegration
     from sentry_sdk.integrations.logging import LoggingIntegration
+    from sentry_sdk.integrations.redis import RedisIntegration
 
     options: dict[str, Any] = {
         "dsn": dsn,
@@ -135,6 +136,10 @@ def init_sentry(
         "before_send": scrub_event,
         "before_send_transaction": scrub_event,
         "before_breadcrumb": filter_breadcrumb,
+        # The Redis integration (on by default when redis is installed) wraps every command: a span, a
+        # breadcrumb (dropped above) and scope copies, ~0.5 ms of loop CPU per command profiled, more than the
+        # command itself; an admission issues a dozen (bench/storm.py --profile, docs/BENCHMARKS.md).
+        "disabled_integrations": [RedisIntegration()],
         "max_request_body_size": "never",
     }
     if transport is not None:

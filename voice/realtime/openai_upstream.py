@@ -9,8 +9,10 @@ parsed it (the Inbox bypass, voice/realtime/inbox.py). Measured against aiohttp'
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
+from typing import Any
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -51,7 +53,7 @@ async def _connect_socket(url: WSParsedURL) -> socket.socket:
     handshake (set later, the kernel would already have autotuned it while OpenAI was sending)."""
     loop = asyncio.get_running_loop()
     error: OSError = OSError(f"no address for {url.host}")
-    for family, kind, proto, _, address in await loop.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM):
+    for family, kind, proto, _, address in await _addresses(url.host, url.port):
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_RCVBUF_BYTES)
@@ -67,6 +69,17 @@ async def _connect_socket(url: WSParsedURL) -> socket.socket:
             raise
         return sock
     raise error
+
+
+async def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
+    """getaddrinfo, except for an IP address: the loop resolves names on a thread (a hop per connection)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    address = (str(ip), port) if ip.version == 4 else (str(ip), port, 0, 0)
+    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)]
 
 
 class _ChunkedReads(asyncio.BufferedProtocol):

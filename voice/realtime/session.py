@@ -133,7 +133,9 @@ class GatewaySession(UpstreamEventHandlers):
             await self.early.close()
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
+        self._reader = None  # the cancelled reader's traceback refers to this session: no cycle through it
         if self.upstream is not None:
+            self.upstream.set_text_handler(None)  # a bound method of this session: a cycle through the upstream
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.upstream.close(), 2)
 
@@ -348,23 +350,24 @@ class GatewaySession(UpstreamEventHandlers):
         self._idle.set()
         self.context_items = []
         if old is not None:
+            old.set_text_handler(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(old.close(), 2)
 
-    async def tick(self, now: float) -> None:
-        """Called every second by the consumer: stall detection and planned recycling."""
+    def tick(self, now: float) -> bool:
+        """Called every second by the consumer's supervision: planned recycling (started here), and stall
+        detection: True when the upstream stopped responding (the caller ends the session)."""
         stalled = now - self.last_upstream_event > settings.VOICE_UPSTREAM_STALL_SECONDS
         if stalled and (self.response_in_flight or not self.configured):
-            await self.listener.session_failed(
-                "upstream_unavailable", "upstream_unavailable", "The voice service stopped responding"
-            )
-        elif (
+            return True
+        if (
             self.configured
             and not self.response_in_flight
             and now - self.upstream_started > settings.VOICE_UPSTREAM_RECYCLE_SECONDS
         ):
             self.upstream_started = now
             self.spawn(self.recycle())
+        return False
 
 
 _CLIENT_HANDLERS: dict[str, Callable[[GatewaySession, ClientEvent], Awaitable[None]]] = {

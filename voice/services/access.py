@@ -11,11 +11,17 @@ Authentication comes first (the consumer refuses with 4401 before calling this).
 6. another live session of the same user → concurrent_session (4409)
 
 Only a session that actually starts is counted in the hourly window (`access_count_session_start`).
+
+A session that ends gives its slots back first, before anything slow (`slot_release_begin`): a user who
+hangs up and redials at once must not find their own ended session still holding the concurrency slot. A
+redial admitted on this instance while that release is still in flight waits for it; one admitted on another
+instance retries the slot a few times (0.35 s in all) before it is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -27,11 +33,14 @@ from voice.services.auth import Identity
 from voice.services.db import run_db
 from voice.services.rollout import rollout_cohort, rollout_snapshot
 from voice.services.state import get_state
+from voice.services.stats import ACTIVE_SESSIONS_KEY
 from voice.services.users import LocalUser, PlanPolicy, plan_policies, user_for_identity
 
 PLAN_NOT_ALLOWED_MESSAGE = "Voice is reserved for the Elite and Intelia plans"
 NOT_IN_ROLLOUT_MESSAGE = "Feature not available for your account"
 CONCURRENT_SLOT_TTL = 30.0  # seconds; live sessions refresh their slot every 10 s
+RELEASE_WAIT_SECONDS = 2.0  # how long an admission waits for the same user's ending session to let go
+REDIAL_RETRY_DELAYS = (0.05, 0.1, 0.2)  # slot retries before refusing concurrent_session (another instance)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ async def access_decide(
     # decision order is unchanged; a slot taken by a rate-limited connection is handed back.
     state = get_state()
     slot_key = concurrency_key(identity.user_id)
+    await _released(identity.user_id)
     rate = state.rate_check(rate_item(plan), rate_key(identity.user_id)) if not resuming else _allowed()
     (allowed, retry_after), acquired = await asyncio.gather(
         rate,
@@ -117,9 +127,57 @@ async def access_decide(
         message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
         return await _refused(Refusal("rate_limited", 4429, message, retry_after), identity, plan_code)
     if not acquired:
+        acquired = await _slot_acquire_after_redial(slot_key, session_id)
+    if not acquired:
         message = "You already have a voice session open; close it first"
         return await _refused(Refusal("concurrent_session", 4409, message), identity, plan_code)
     return Admission(user=user, plan=plan, cohort=cohort)
+
+
+# (event loop, external user id) → the slot release of that user's ending session on this process.
+_releasing: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[None]] = {}
+
+
+def slot_release_begin(*, external_user_id: str, session_id: str) -> asyncio.Task[None]:
+    """Called synchronously as a session starts ending, before any await: its concurrency slot and live
+    session slot go back now, while the rest of the end (upstream close, rows) takes its time."""
+    loop = asyncio.get_running_loop()
+    key = (loop, external_user_id)
+    task = loop.create_task(_release_slots(external_user_id, session_id))
+    _releasing[key] = task
+
+    def forget(done: asyncio.Task[None]) -> None:
+        if _releasing.get(key) is done:
+            del _releasing[key]
+
+    task.add_done_callback(forget)
+    return task
+
+
+async def _release_slots(external_user_id: str, session_id: str) -> None:
+    state = get_state()
+    with contextlib.suppress(Exception):
+        await asyncio.gather(state.slot_release(concurrency_key(external_user_id), session_id),
+                             state.slot_release(ACTIVE_SESSIONS_KEY, session_id))
+
+
+async def _slot_acquire_after_redial(slot_key: str, session_id: str) -> bool:
+    """A user who hung up on another instance and redialled here at once may arrive while that instance's
+    release is still in flight (a Redis round trip): a few short retries (0.35 s in all) before refusing."""
+    state = get_state()
+    for delay in REDIAL_RETRY_DELAYS:
+        await asyncio.sleep(delay)
+        if await state.slot_acquire(slot_key, session_id, limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
+                                    ttl=CONCURRENT_SLOT_TTL):
+            return True
+    return False
+
+
+async def _released(external_user_id: str) -> None:
+    """Wait (bounded) for the slot release of this user's session that is ending on this process, if any."""
+    pending = _releasing.get((asyncio.get_running_loop(), external_user_id))
+    if pending is not None:
+        await asyncio.wait({pending}, timeout=RELEASE_WAIT_SECONDS)
 
 
 async def _allowed() -> tuple[bool, int]:

@@ -9,8 +9,8 @@ calls instead, reconnecting once when the database dropped it.
 Session rows get their own single writer: when a hundred sessions end at once (a network blip, a load
 test), a pool of threads fought over SQLite's write lock (busy-wait back-offs) and over the GIL with the
 event loop for seconds, stalling every live session's audio (bench/relay.py); one writer drains the same
-burst in order, and access lookups never queue behind it. Turn rows, written as each turn is answered, reuse
-the writer's connection; the session start and end writes still close it (once per connection).
+burst in order, and access lookups never queue behind it. Every write reuses the writer's connection (turn rows,
+session starts and ends): a connect per session start and end was most of their cost.
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ async def run_db_write(fn: Callable[..., T], *args: object, **kwargs: object) ->
     """Run a session-row write on the writer thread (called at the start and end of every connection)."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_writer, functools.partial(_call, fn, *args, **kwargs))
+
+
+def submit_write(fn: Callable[..., object], *args: object) -> None:
+    """Queue a write on the writer thread without waiting for it (called from the event loop per turn): no
+    future, no task; `fn` reports back itself (loop.call_soon_threadsafe) if it has to."""
+    _writer.submit(_call, fn, *args)
 
 
 def close_db_thread_connections() -> None:

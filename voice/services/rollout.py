@@ -143,9 +143,14 @@ def broadcast_terminate(*, code: str, session_id: str | None = None) -> bool:
     layer = get_channel_layer()
     if layer is None:
         return False
-    group = f"voice.session.{session_id}" if session_id else BROADCAST_GROUP
+    from voice.realtime.control import session_group
+
+    group = session_group(session_id) if session_id else BROADCAST_GROUP
+    message = {"type": "session.terminate", "code": code}
+    if session_id:
+        message["session_id"] = session_id  # one channel per process receives it (voice/realtime/control.py)
     try:
-        async_to_sync(layer.group_send)(group, {"type": "session.terminate", "code": code})
+        async_to_sync(layer.group_send)(group, message)
     except Exception:  # noqa: BLE001 - sessions also poll the kill switch every second
         return False
     return True

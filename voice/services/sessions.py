@@ -10,11 +10,15 @@ and the session's turn count is recounted from them, so a turn written twice is 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import queue
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,13 +27,13 @@ from typing import Any
 
 from django.conf import settings
 from django.core import signing
-from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
+from django.db import DatabaseError, DataError, IntegrityError, transaction
 from django.db.models import Count, F, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 
 from voice.models import VoiceSession, VoiceTurn
 from voice.realtime.accounting import SessionStats
-from voice.services.db import run_db_write
+from voice.services.db import submit_write
 from voice.services.state import get_state
 
 logger = logging.getLogger(__name__)
@@ -95,12 +99,14 @@ async def session_meta_load(session_id: str) -> SessionMeta | None:
 
 
 def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str, instance: str,
-                        model: str = "") -> None:
-    """Create the session's row when it starts, or count one more connection on resume (sync; ORM)."""
-    close_old_connections()
+                        model: str = "", resumed: bool = True) -> None:
+    """Create the session's row when it starts, or count one more connection on resume (sync; ORM). On the
+    writer thread, which keeps its connection (a connect per session start and end was most of these writes'
+    cost; a connection the database dropped is replaced by voice.services.db)."""
     try:
-        created = VoiceSession.objects.filter(pk=meta.session_id).update(connections=F("connections") + 1)
-        if not created:
+        # A new session's id is new: no row to count a connection on (one query less per admission).
+        counted = resumed and VoiceSession.objects.filter(pk=meta.session_id).update(connections=F("connections") + 1)
+        if not counted:
             VoiceSession.objects.create(
                 id=meta.session_id,
                 **_row_defaults(user_pk=user_pk, user_id=meta.user_id, plan=meta.plan, cohort=meta.cohort,
@@ -108,8 +114,6 @@ def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str
             )
     except DatabaseError:
         logger.exception("could not create the session row; it will be created at the end")
-    finally:
-        close_old_connections()
 
 
 def _row_defaults(*, user_pk: int | None, user_id: str, plan: str, cohort: str, upstream: str, instance: str,
@@ -124,21 +128,18 @@ def _row_defaults(*, user_pk: int | None, user_id: str, plan: str, cohort: str, 
 
 
 def voice_session_end(record: dict[str, Any]) -> None:
-    """Add one connection's counters and turns to the session row; spool when the DB fails (sync)."""
-    close_old_connections()
+    """Add one connection's counters and turns to the session row; spool when the DB fails (sync; on the
+    writer thread, which keeps its connection)."""
     try:
-        try:
-            _write_record(record)
-        except DatabaseError:
-            logger.exception("database unavailable at session end; metrics spooled")
-            spool_record(record)
-            return
-        try:
-            flush_spool()  # the database answers again: replay what an outage left behind
-        except DatabaseError:
-            logger.warning("spooled session records not replayed yet (database error)")
-    finally:
-        close_old_connections()
+        _write_record(record)
+    except DatabaseError:
+        logger.exception("database unavailable at session end; metrics spooled")
+        spool_record(record)
+        return
+    try:
+        flush_spool()  # the database answers again: replay what an outage left behind
+    except DatabaseError:
+        logger.warning("spooled session records not replayed yet (database error)")
 
 
 def session_end_record(
@@ -158,11 +159,69 @@ def session_end_record(
     }
 
 
-async def turns_save(*, session_id: str, stats: SessionStats) -> None:
-    """Called (as a session task) after each answered turn: write the turns whose latest state has no row."""
-    written = [(turn, turn.row()) for turn in stats.unsaved_turns]
-    if written and await run_db_write(voice_turns_save, session_id=session_id, rows=[row for _, row in written]):
-        stats.turns_saved(written)
+class TurnRowQueue:
+    """Turn rows handed from the event loop to the writer thread without waiting (one per event loop).
+
+    Per turn, the loop only snapshots the rows and puts them on a SimpleQueue (never blocks): no task, no
+    executor future, no await. One drain job at a time runs on the writer thread and takes every queued
+    turn (of every session) in one go; its result comes back in one loop callback per batch, which marks the
+    rows saved and schedules the next drain if more turns arrived meanwhile.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # the queue lives in a WeakKeyDictionary keyed by this loop
+        self._queue: queue.SimpleQueue[tuple[str, SessionStats, list[tuple[Any, dict[str, Any]]]]] = (
+            queue.SimpleQueue())
+        self._draining = False  # a drain job is queued or running (read and written on the loop only)
+
+    def put(self, session_id: str, stats: SessionStats) -> None:
+        """Called on the loop after each answered turn: the turns whose latest state has no row yet."""
+        written = [(turn, turn.row()) for turn in stats.unsaved_turns]
+        if not written:
+            return
+        self._queue.put((session_id, stats, written))
+        if not self._draining:
+            self._draining = True
+            submit_write(self._drain)
+
+    def _drain(self) -> None:
+        """On the writer thread: write every queued turn, then report back to the loop once."""
+        saved: list[tuple[SessionStats, list[tuple[Any, dict[str, Any]]]]] = []
+        try:
+            while True:
+                try:
+                    session_id, stats, written = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if voice_turns_save(session_id=session_id, rows=[row for _, row in written]):
+                    saved.append((stats, written))
+        finally:
+            loop = self._loop()
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to tell
+                    loop.call_soon_threadsafe(self._drained, saved)
+
+    def _drained(self, saved: list[tuple[SessionStats, list[tuple[Any, dict[str, Any]]]]]) -> None:
+        """On the loop, once per drain: rows written; drain again if turns came in after the last take."""
+        for stats, written in saved:
+            stats.turns_saved(written)
+        self._draining = False
+        if not self._queue.empty():
+            self._draining = True
+            submit_write(self._drain)
+
+
+_turn_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnRowQueue] = weakref.WeakKeyDictionary()
+
+
+def turn_rows_put(*, session_id: str, stats: SessionStats) -> None:
+    """Called on the event loop after each answered turn: its row is written in the background, never
+    awaited (voice_turns_save on the writer thread; the end record carries what is not written yet)."""
+    loop = asyncio.get_running_loop()
+    turn_queue = _turn_queues.get(loop)
+    if turn_queue is None:
+        turn_queue = _turn_queues[loop] = TurnRowQueue(loop)
+    turn_queue.put(session_id, stats)
 
 
 def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
@@ -209,23 +268,24 @@ def _write_record(record: dict[str, Any]) -> None:
     }
     counters.update({name: F(name) + value for name, value in record["tokens"].items()})
     counters["cost_usd"] = F("cost_usd") + Decimal(str(round(record["cost_usd"], 6)))
+    pk = record["id"]
     with transaction.atomic():
-        session, _ = VoiceSession.objects.get_or_create(
-            id=record["id"],
-            defaults=_row_defaults(
+        # The row usually exists (created at the start): add to it first, create it only when that found none.
+        if not VoiceSession.objects.filter(pk=pk).update(**counters):
+            VoiceSession.objects.get_or_create(id=pk, defaults=_row_defaults(
                 user_pk=record["user_pk"], user_id=record["user_id"], plan=record["plan"], cohort=record["cohort"],
                 upstream=record["upstream"], instance=record["instance"], started_at=record["started_at"],
                 model=record.get("model", ""),  # spooled by an older version: no model
-            ),
-        )
+            ))
+            VoiceSession.objects.filter(pk=pk).update(**counters)
         ended_at = datetime.fromtimestamp(record["ended_at"], tz=UTC)
-        VoiceSession.objects.filter(pk=session.pk).update(**counters)
         # The outcome is the latest connection's (a drained connection's record may land after the resume's).
-        VoiceSession.objects.filter(Q(ended_at__isnull=True) | Q(ended_at__lte=ended_at), pk=session.pk).update(
+        VoiceSession.objects.filter(Q(ended_at__isnull=True) | Q(ended_at__lte=ended_at), pk=pk).update(
             ended_at=ended_at, end_reason=record["end_reason"], close_code=record["close_code"],
             error=record["error"],
         )
-        _upsert_turns(session.pk, record["turns"])
+        if record["turns"]:  # rows written during the session were recounted then
+            _upsert_turns(pk, record["turns"])
 
 
 def spool_record(record: dict[str, Any]) -> Path:

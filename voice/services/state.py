@@ -263,14 +263,29 @@ class SharedState:
         )
 
     async def slot_refresh(self, key: str, member: str, *, ttl: float) -> None:
-        """Called periodically by a live session to keep its slot (a crashed instance's slots expire)."""
-        key, expiry = KEY_PREFIX + key, time.time() + ttl
+        """Called by a live session to keep its slot (a crashed instance's slots expire)."""
+        await self.slots_refresh([(key, member)], ttl=ttl)
+
+    async def slots_refresh(self, slots: list[tuple[str, str]], *, ttl: float) -> None:
+        """Called every second by the sessions' supervisor with every (key, member) slot due: one round trip
+        for all of them (a burst of sessions admitted together refreshes together)."""
+        expiry = time.time() + ttl
+        members: dict[str, dict[str, float]] = {}
+        for key, member in slots:
+            members.setdefault(KEY_PREFIX + key, {})[member] = expiry
 
         async def on_redis(r: aioredis.Redis) -> None:
-            await r.zadd(key, {member: expiry})
-            await r.expire(key, int(ttl) + 1)
+            async with r.pipeline(transaction=False) as pipe:
+                for key, scored in members.items():
+                    pipe.zadd(key, scored)
+                    pipe.expire(key, int(ttl) + 1)
+                await pipe.execute()
 
-        await self._run(on_redis, lambda m: m.zset(key).__setitem__(member, expiry))
+        def on_memory(m: _MemoryBackend) -> None:
+            for key, scored in members.items():
+                m.zset(key).update(scored)
+
+        await self._run(on_redis, on_memory)
 
     async def slot_release(self, key: str, member: str) -> None:
         """Called when a session ends."""

@@ -84,8 +84,8 @@ def user_for_identity(*, external_id: str, email: str = "", plan: str | None = N
         user, _ = get_user_model().objects.get_or_create(username=external_id[:150], defaults={"email": email})
         # The plan claim seeds the profile, so the admin sees it; later tokens without a claim use it.
         plan_row = PlanAccess.objects.filter(code=plan).first() if plan else None
-        VoiceProfile.objects.get_or_create(
-            user=user, defaults={"external_id": external_id, "email": email, "plan": plan_row}
+        VoiceProfile.objects.get_or_create(  # by id: the instances would cache each other (a cycle)
+            user_id=user.pk, defaults={"external_id": external_id, "email": email, "plan": plan_row}
         )
         row = _profile_row(external_id)
         assert row is not None

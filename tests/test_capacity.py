@@ -1,0 +1,254 @@
+"""Issue 18 (capacity v2): redial never refused, ended sessions freed without the cyclic collector."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import unique_user
+from tests.live import VoiceClient
+from tests.live import session_with_a_turn as live_session_with_a_turn
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def slow_end_write(monkeypatch):
+    """The database write at session end takes 0.5 s (on the writer thread, like a slow database)."""
+    from voice.services import sessions
+
+    original = sessions.voice_session_end
+
+    def slow(record):
+        time.sleep(0.5)
+        return original(record)
+
+    monkeypatch.setattr(sessions, "voice_session_end", slow)
+
+
+@pytest.fixture
+def slow_upstream_close(monkeypatch):
+    """Closing the upstream takes 0.5 s (a far-away server's close handshake)."""
+    import asyncio
+
+    from voice.realtime.engine.upstream import LocalUpstream
+
+    original = LocalUpstream.close
+
+    async def slow(self):
+        await asyncio.sleep(0.5)
+        await original(self)
+
+    monkeypatch.setattr(LocalUpstream, "close", slow)
+
+
+@pytest.mark.parametrize("slow", [None, "slow_end_write", "slow_upstream_close"])
+async def test_a_user_who_redials_at_once_is_never_refused(gateway, token_for, settings, request, slow) -> None:
+    """Close and reconnect at once, again and again: the slot is back before anything slow at session end."""
+    settings.MAX_SESSIONS_PER_USER_PER_HOUR = 1000
+    if slow:
+        request.getfixturevalue(slow)
+    user_id = unique_user("redial")
+    codes = []
+    for _ in range(15):
+        client = await VoiceClient.open(gateway.ws_url, token=token_for(user_id))
+        event = await client.next_event(30)
+        while event["type"] not in ("gateway.session.ready", "gateway.error"):
+            event = await client.next_event(30)
+        codes.append(event.get("code", "ready"))
+        await client.close()  # and at once the next connection: no pause for the server's end-of-session work
+    assert codes == ["ready"] * 15
+
+
+SESSION_TYPES = frozenset({"VoiceConsumer", "GatewaySession", "SessionStats", "TurnStats", "LocalUpstream",
+                           "OpenAIUpstream", "_Listener", "EngineSession", "ContextPrefetcher",
+                           "VoiceWebSocketProtocol", "Inbox"})
+
+
+@pytest.mark.parametrize("upstream", ["in_process", "websocket"])
+async def test_ended_sessions_are_freed_without_the_cyclic_collector(live_db, token_for, settings, request,
+                                                                     upstream) -> None:
+    """With the collector off, sessions that ran a turn and ended (cleanly or abruptly) are freed by reference
+    counting alone: their consumer, session and upstream die, and a collection afterwards finds none of the
+    session's objects (it found ~300 objects per ended session, consumer to transports, before)."""
+    import asyncio
+    import collections
+    import gc
+    import weakref
+
+    from tests.live import LiveServer
+    from voice import metrics
+    from voice.realtime import registry
+
+    if upstream == "websocket":  # the production path: picows client, fast paths both ways
+        request.getfixturevalue("websocket_engine")
+    server = LiveServer().start()
+
+    async def session_with_a_turn() -> VoiceClient:
+        return await live_session_with_a_turn(server.ws_url, token_for())
+
+    async def live_objects() -> list[object]:
+        return [obj for consumer in registry.live_sessions()
+                for obj in (consumer, consumer.session, consumer.session.upstream)]
+
+    async def idle() -> None:
+        for _ in range(200):
+            if metrics.ACTIVE_SESSIONS._value.get() == 0:
+                return
+            await asyncio.sleep(0.05)
+
+    try:
+        await (await session_with_a_turn()).close()  # warm-up: process-wide pools, caches, the control channel
+        await idle()
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            clients = [await session_with_a_turn() for _ in range(4)]
+            refs = [weakref.ref(obj) for obj in server.call(live_objects())]
+            assert len(refs) == 12
+            for client in clients[:2]:
+                await client.close()
+            for client in clients[2:]:
+                client.ws.transport.abort()  # abrupt disconnect: no close handshake
+            await idle()
+            for _ in range(100):  # the end's last steps (rows, logs) finish on the server's loop
+                if all(ref() is None for ref in refs):
+                    break
+                await asyncio.sleep(0.05)
+            alive = [type(ref()).__name__ for ref in refs if ref() is not None]
+            assert alive == [], f"kept alive without a collection: {alive}"
+            gc.collect()
+            leftovers = collections.Counter(type(o).__name__ for o in gc.garbage
+                                            if type(o).__name__ in SESSION_TYPES)
+            assert not leftovers, leftovers
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    finally:
+        server.stop()
+
+
+async def test_turn_rows_reach_the_writer_without_the_loop_waiting(monkeypatch) -> None:
+    """Per turn the loop only queues the rows (no task, no executor future): with the writer thread stuck,
+    every put returns at once; the queued turns of several sessions are written by at most two drains and
+    marked saved on the loop afterwards."""
+    import asyncio
+    import threading
+
+    from voice.realtime.accounting import SessionStats, TurnStats
+    from voice.services import sessions
+
+    gate = threading.Event()
+    written: list[str] = []
+    submits: list[object] = []
+    real_submit = sessions.submit_write
+
+    def stuck_save(*, session_id: str, rows: list) -> bool:
+        gate.wait(10)
+        written.append(session_id)
+        return True
+
+    monkeypatch.setattr(sessions, "voice_turns_save", stuck_save)
+    monkeypatch.setattr(sessions, "submit_write", lambda fn, *a: submits.append(fn) or real_submit(fn, *a))
+    tasks_before = len(asyncio.all_tasks())
+    stats = []
+    for i in range(3):
+        session_stats = SessionStats()
+        session_stats.turn_changed(TurnStats(index=0))
+        stats.append(session_stats)
+        sessions.turn_rows_put(session_id=f"s{i}", stats=session_stats)
+    assert written == [] and len(asyncio.all_tasks()) == tasks_before  # queued, nothing awaited or spawned
+    gate.set()
+    for _ in range(200):
+        if not any(s.unsaved_turns for s in stats):
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(written) == ["s0", "s1", "s2"]
+    assert not any(s.unsaved_turns for s in stats)
+    assert 1 <= len(submits) <= 2
+
+
+async def test_the_admission_gate_is_given_back_on_every_path(gateway, token_for, settings) -> None:
+    """One admission at a time: refused, failed and abandoned connections all let the next one in, and the
+    gate holds nothing once they are over."""
+    import asyncio
+
+    from voice.realtime.admission import admission_gate
+
+    settings.VOICE_ADMISSION_CONCURRENCY = 1
+    settings.MAX_SESSIONS_PER_USER_PER_HOUR = 1000
+    refused = await VoiceClient.open(gateway.ws_url, token="not-a-jwt")
+    assert (await refused.wait_for("gateway.error"))["code"] == "unauthorized"
+    plan_refused = await VoiceClient.open(gateway.ws_url, token=token_for(plan="essential"))
+    assert (await plan_refused.wait_for("gateway.error"))["code"] == "plan_not_allowed"
+    abandoned = await VoiceClient.open(gateway.ws_url, token=token_for())
+    abandoned.ws.transport.abort()  # gone before its session is ready
+    clients = await asyncio.gather(*(VoiceClient.open(gateway.ws_url, token=token_for()) for _ in range(4)))
+    for client in clients:  # admitted one after another
+        await client.wait_for("gateway.session.ready", timeout=30)
+    for client in clients:
+        await client.close()
+    await asyncio.sleep(0.5)
+    gate = gateway.call(_gate_value(admission_gate))
+    assert gate == 1
+
+
+async def _gate_value(admission_gate) -> int:
+    return admission_gate()._value
+
+
+async def test_sessions_admitted_together_each_get_their_own_terminate(gateway, token_for) -> None:
+    """One control channel per process: sessions that join it at the same moment all receive the messages
+    addressed to them (and only those)."""
+    import asyncio
+
+    from voice.services.rollout import broadcast_terminate
+
+    clients = await asyncio.gather(*(VoiceClient.open(gateway.ws_url, token=token_for()) for _ in range(4)))
+    ids = [(await c.wait_for("gateway.session.ready", timeout=30))["session_id"] for c in clients]
+    await asyncio.sleep(0.5)  # presence published: joined the control channel's groups
+    assert await asyncio.to_thread(broadcast_terminate, code="terminated", session_id=ids[0])
+    assert await clients[0].wait_closed(5) == 4010
+    await asyncio.sleep(0.3)
+    assert all(not c.seen("gateway.error") for c in clients[1:])  # the others are untouched
+    for session_id in ids[1:]:
+        assert await asyncio.to_thread(broadcast_terminate, code="terminated", session_id=session_id)
+    assert await asyncio.gather(*(c.wait_closed(5) for c in clients[1:])) == [4010] * 3
+
+
+async def test_a_redial_to_another_instance_is_not_refused(live_db, token_for, settings, monkeypatch) -> None:
+    """Hang up on one instance and redial at once through the load balancer to the other: the first
+    instance's slot release may still be in flight (here it takes 0.15 s); the second retries briefly
+    instead of refusing."""
+    import asyncio
+
+    from tests.live import LiveServer
+    from voice.services import access
+
+    release = access._release_slots
+
+    async def slow_release(*args):
+        await asyncio.sleep(0.15)
+        await release(*args)
+
+    monkeypatch.setattr(access, "_release_slots", slow_release)
+    settings.MAX_SESSIONS_PER_USER_PER_HOUR = 1000
+    first, second = LiveServer().start(), LiveServer().start()
+    try:
+        user_id = unique_user("redial-lb")
+        codes = []
+        for n in range(10):
+            server = first if n % 2 == 0 else second
+            client = await VoiceClient.open(server.ws_url, token=token_for(user_id))
+            event = await client.next_event(30)
+            while event["type"] not in ("gateway.session.ready", "gateway.error"):
+                event = await client.next_event(30)
+            codes.append(event.get("code", "ready"))
+            await client.close()
+        assert codes == ["ready"] * 10
+    finally:
+        first.stop()
+        second.stop()

@@ -1,0 +1,117 @@
+"""Control messages for this process's live sessions (kill switch, operator terminate): one channel-layer
+channel and one listener task per event loop.
+
+A channel, a receive loop and channels_redis' two helper tasks per session were 3 of a live session's 7
+asyncio tasks, and cancelling that receive at every session end (it is usually parked in a blocking Redis
+read) threw the Redis connection away: the next session opened a new one (connect + handshake round trips)
+and the cancelled read left a cycle of garbage (task, timeout, exception, frames). Now the process's channel
+joins the broadcast group once, and each session's own group (`voice.session.<id>`) on its first presence
+refresh; messages name the session they are for (`session_id`), and a message without one is a broadcast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from voice.realtime import registry
+
+logger = logging.getLogger(__name__)
+JOIN_TIMEOUT_SECONDS = 1.0
+
+
+class ControlChannel:
+    """This event loop's channel on the channel layer and the task that receives its messages."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.name: str | None = None
+        self.broadcast_joined = False
+        self.generation = 0  # bumped when the listener fails: sessions joined before must join again
+        self._listener: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._naming = asyncio.Lock()  # sessions admitted together must all join the same channel
+
+    async def join(self, session_id: str) -> int | None:
+        """Called by a live session's presence refresh until it succeeds: put this process's channel in the
+        session's group (and the broadcast group); the generation joined, or None when the layer is down."""
+        from voice.services.rollout import BROADCAST_GROUP
+
+        try:
+            if self.name is None:
+                async with self._naming:
+                    if self.name is None:
+                        self.name = await self.layer.new_channel()
+            if not self.broadcast_joined:
+                await asyncio.wait_for(self.layer.group_add(BROADCAST_GROUP, self.name), JOIN_TIMEOUT_SECONDS)
+                self.broadcast_joined = True
+            await asyncio.wait_for(self.layer.group_add(session_group(session_id), self.name),
+                                   JOIN_TIMEOUT_SECONDS)
+        except Exception:  # noqa: BLE001 - the layer's Redis is down: the kill switch is also polled
+            logger.warning("channel layer unavailable; control messages paused until it returns")
+            return None
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        return self.generation
+
+    async def _listen(self) -> None:
+        """Receive control messages until the layer fails (Redis outage): then every session joins again on
+        its next presence refresh, which starts a new listener."""
+        assert self.name is not None
+        while True:
+            try:
+                message = await self.layer.receive(self.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                self.broadcast_joined = False
+                self.generation += 1
+                return
+            self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "session.terminate":
+            return
+        session_id = message.get("session_id")
+        if session_id is None and message.get("code") != "feature_disabled":
+            # A per-session message from a sender that does not name the session (an older version): its
+            # target cannot be told apart from the other sessions of this process.
+            logger.warning("control message without a session id ignored (code %s)", message.get("code"))
+            return
+        for consumer in registry.live_sessions():
+            if session_id is None or consumer.session_id == session_id:
+                task = asyncio.get_running_loop().create_task(consumer.session_terminate(message))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+
+    def close(self) -> None:
+        """Called when the event loop's server stops (tests run several in one process)."""
+        if self._listener is not None:
+            self._listener.cancel()
+
+
+def session_group(session_id: str) -> str:
+    """The channel-layer group of one session (operators' terminate)."""
+    return f"voice.session.{session_id}"
+
+
+_channels: dict[asyncio.AbstractEventLoop, ControlChannel] = {}
+
+
+def control_channel(layer: Any) -> ControlChannel:
+    """The running event loop's control channel on `layer` (created on first use)."""
+    loop = asyncio.get_running_loop()
+    channel = _channels.get(loop)
+    if channel is None or channel.layer is not layer:
+        if channel is not None:
+            channel.close()
+        channel = _channels[loop] = ControlChannel(layer)
+    return channel
+
+
+def control_channel_close() -> None:
+    """Called as a server's event loop shuts down: stop its listener and forget the channel."""
+    channel = _channels.pop(asyncio.get_running_loop(), None)
+    if channel is not None:
+        channel.close()
