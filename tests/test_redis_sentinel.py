@@ -166,8 +166,9 @@ async def test_master_killed_with_20_live_sessions_fails_over_without_a_stuck_in
     from channels.layers import get_channel_layer
 
     for _ in range(60):  # the session re-joins its groups once the state is back on Redis
-        await get_channel_layer().group_send(f"voice.session.{ids[-1]}", {"type": "session.terminate",
-                                                                           "code": "terminated"})
+        # As voice.services.rollout.broadcast_terminate sends it: the message names its session.
+        await get_channel_layer().group_send(f"voice.session.{ids[-1]}", {
+            "type": "session.terminate", "code": "terminated", "session_id": ids[-1]})
         try:
             await clients[-1].wait_for("gateway.error", timeout=0.5, code="terminated")
             break
