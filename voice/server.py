@@ -20,6 +20,8 @@ from typing import Any
 import uvicorn
 from django.conf import settings
 
+from voice.observability.stall_sampler import StallSampler
+
 logger = logging.getLogger(__name__)
 GC_PAUSE_WARNING_SECONDS = 0.02
 LOOP_LAG_WARNING_SECONDS = 0.02
@@ -39,7 +41,8 @@ class VoiceServer(uvicorn.Server):
         gc.collect()
         gc.freeze()
         self._gc_watch = watch_gc_pauses()
-        self._lag_probe = asyncio.get_running_loop().create_task(probe_loop_lag())
+        self._stall_sampler = stall_sampler_start()
+        self._lag_probe = asyncio.get_running_loop().create_task(probe_loop_lag(sampler=self._stall_sampler))
         self._heap_trimmer = asyncio.get_running_loop().create_task(trim_heap_when_idle())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -51,6 +54,8 @@ class VoiceServer(uvicorn.Server):
         if getattr(self, "_lag_probe", None) is not None:
             self._lag_probe.cancel()
             self._heap_trimmer.cancel()
+            if self._stall_sampler is not None:
+                self._stall_sampler.stop()
             gc.callbacks.remove(self._gc_watch)  # one per server: several servers may share a process (tests)
         for server in self.servers:
             server.close()  # stop accepting before telling clients to reconnect elsewhere
@@ -90,15 +95,24 @@ def cap_retransmission_backoff(listener: Any, rto_max_ms: int) -> bool:
     return True
 
 
-async def probe_loop_lag(interval: float = 0.01) -> None:
+def stall_sampler_start() -> StallSampler | None:
+    """Called at server start-up: the watchdog that samples the loop thread's stack during a stall
+    (VOICE_STALL_SAMPLER_MS; 0 turns it off)."""
+    threshold_ms = settings.VOICE_STALL_SAMPLER_MS
+    return StallSampler(threshold_ms / 1000).start() if threshold_ms > 0 else None
+
+
+async def probe_loop_lag(interval: float = 0.01, sampler: StallSampler | None = None) -> None:
     """Measure how late the event loop runs a timer (voice_event_loop_lag_seconds); log stalls that an
-    audio frame would feel (> LOOP_LAG_WARNING_SECONDS)."""
+    audio frame would feel (> LOOP_LAG_WARNING_SECONDS); keep the stall sampler's heartbeat."""
     from voice import metrics
 
     loop = asyncio.get_running_loop()
     while True:
         expected = loop.time() + interval
         await asyncio.sleep(interval)
+        if sampler is not None:
+            sampler.beat()
         lag = max(0.0, loop.time() - expected)
         metrics.LOOP_LAG.observe(lag)
         if lag > LOOP_LAG_WARNING_SECONDS:
