@@ -188,6 +188,9 @@ VOICE_WS_PING_TIMEOUT_SECONDS = env.float("VOICE_WS_PING_TIMEOUT_SECONDS", defau
 VOICE_TCP_RTO_MAX_MS = env.int("VOICE_TCP_RTO_MAX_MS", default=1000)
 # Seconds between returns of free heap pages to the OS (glibc malloc_trim; 0: never). See voice/server.py.
 VOICE_MALLOC_TRIM_SECONDS = env.float("VOICE_MALLOC_TRIM_SECONDS", default=60.0)
+# Full garbage collections only when no session is live, or at the latest this long after the previous one
+# (voice/gc_policy.py); 0 leaves CPython's own policy.
+VOICE_GC_FULL_MAX_SECONDS = env.float("VOICE_GC_FULL_MAX_SECONDS", default=600.0)
 
 # Local realtime engine knobs (benchmarks reproduce OpenAI timing with them).
 LOCAL_ENGINE_FIRST_AUDIO_MS = env.int("LOCAL_ENGINE_FIRST_AUDIO_MS", default=0)

@@ -20,10 +20,10 @@ from typing import Any
 import uvicorn
 from django.conf import settings
 
+from voice.gc_policy import full_collection_policy_start, watch_gc_pauses
 from voice.observability.stall_sampler import StallSampler
 
 logger = logging.getLogger(__name__)
-GC_PAUSE_WARNING_SECONDS = 0.02
 LOOP_LAG_WARNING_SECONDS = 0.02
 
 
@@ -41,6 +41,7 @@ class VoiceServer(uvicorn.Server):
         gc.collect()
         gc.freeze()
         self._gc_watch = watch_gc_pauses()
+        self._gc_policy = full_collection_policy_start()
         self._stall_sampler = stall_sampler_start()
         self._lag_probe = asyncio.get_running_loop().create_task(probe_loop_lag(sampler=self._stall_sampler))
         self._heap_trimmer = asyncio.get_running_loop().create_task(trim_heap_when_idle())
@@ -57,6 +58,7 @@ class VoiceServer(uvicorn.Server):
             if self._stall_sampler is not None:
                 self._stall_sampler.stop()
             gc.callbacks.remove(self._gc_watch)  # one per server: several servers may share a process (tests)
+            self._gc_policy.stop()
         for server in self.servers:
             server.close()  # stop accepting before telling clients to reconnect elsewhere
         if self.force_exit:  # a second SIGINT (or a test simulating a crash): no drain
@@ -156,26 +158,6 @@ async def trim_heap_when_idle() -> None:
         await loop.run_in_executor(None, trim, 0)
         logger.info("idle: free heap pages returned to the OS (malloc_trim, %.0f ms)",
                     (time.perf_counter() - started) * 1000)
-
-
-def watch_gc_pauses() -> Callable[[str, dict[str, int]], None]:
-    """Time every cyclic collection (voice_gc_pause_seconds) and log the ones long enough to be heard."""
-    from voice import metrics
-
-    started: list[float] = []
-
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started.append(time.perf_counter())
-        elif started:
-            pause = time.perf_counter() - started.pop()
-            metrics.GC_PAUSE.labels(generation=str(info["generation"])).observe(pause)
-            if pause > GC_PAUSE_WARNING_SECONDS:
-                logger.warning("gc pause %.0f ms (generation %d, %d collected): every session's audio waited",
-                               pause * 1000, info["generation"], info["collected"])
-
-    gc.callbacks.append(on_gc)
-    return on_gc
 
 
 def server_config(*, host: str, port: int, uds: str | None = None, fd: int | None = None,
