@@ -38,6 +38,7 @@ from bench.common import (
     ROOT,
     Server,
     collect_process,
+    cpu_busy_seconds,
     fmt,
     free_port,
     issue_tokens,
@@ -181,9 +182,13 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     stream_proc, stream_out = spawn_process(_loadgen_main, stream_spec) if m else (None, None)
     storm_proc, storm_out = spawn_process(_connect_main, storm_spec)
     time.sleep(max(0.0, storm_at - time.monotonic()))
-    cpu_before = proc_cpu_seconds(server.pid)
+    cpu_before, busy_before, wall_before = proc_cpu_seconds(server.pid), cpu_busy_seconds(), time.monotonic()
     storm = collect_process(storm_proc, storm_out, 180)
     cpu_storm = proc_cpu_seconds(server.pid) - cpu_before
+    # Both cores' busy share from the storm's start to its clients' exit (which includes their 1 s hold): a
+    # client core near 1.0 means the load generators, not the gateway, set the ready times.
+    busy_after, wall = cpu_busy_seconds(), time.monotonic() - wall_before
+    core_busy = {core: round((busy_after[core] - busy_before.get(core, 0.0)) / wall, 2) for core in busy_after}
     stream = collect_process(stream_proc, stream_out, 240) if stream_proc else {}
     if "error" in storm or "error" in stream:
         return {"repeat": rep, "error": storm.get("error") or stream.get("error")}
@@ -198,6 +203,7 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
                      "max": _ms(ready[-1] if ready else None)},
         "storm_span_s": storm["ended_at"] - storm["started_at"],
         "server_cpu_s_during_storm": cpu_storm,
+        "core_busy_during_storm": core_busy,
         "server_cpu_ms_per_admission": 1000 * cpu_storm / max(1, n),  # includes the streaming sessions' CPU
     }
     if stream:
@@ -343,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{fmt(run.get('rtt_baseline_ms', {}).get('p99'))} -> "
                           f"{fmt(run.get('rtt_during_storm_ms', {}).get('p99'))} ms (added "
                           f"{fmt(run.get('added_p99_by_storm_ms'))}) dropped {run.get('dropped')} "
-                          f"load {loadavg()}" + (f" ERROR {run['error']}" if run.get("error") else ""), flush=True)
+                          f"cores busy {run.get('core_busy_during_storm')} load {loadavg()}"
+                          + (f" ERROR {run['error']}" if run.get("error") else ""), flush=True)
                 payload["runs"] = runs
                 ok = [r for r in runs if not r.get("error")]
                 payload["summary"] = {

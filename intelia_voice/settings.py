@@ -165,10 +165,9 @@ VOICE_MAX_FRAME_BYTES = env.int("VOICE_MAX_FRAME_BYTES", default=1024 * 1024)
 VOICE_MAX_FRAMES_PER_SECOND = env.int("VOICE_MAX_FRAMES_PER_SECOND", default=100)
 # Connections admitted at once (JWT to gateway.session.ready); more wait their turn (voice/realtime/admission.py).
 VOICE_ADMISSION_CONCURRENCY = env.int("VOICE_ADMISSION_CONCURRENCY", default=16)
-# Event-loop stalls longer than this get the loop thread's stack sampled and logged (voice/observability/stall_sampler.py); 0: off.
+# Event-loop stalls longer than this get the loop thread's stack sampled and logged
+# (voice/observability/stall_sampler.py); 0: off.
 VOICE_STALL_SAMPLER_MS = env.int("VOICE_STALL_SAMPLER_MS", default=30)
-# How long a database thread may keep the GIL once the event loop wants it (voice/server.py); 0: CPython's 5 ms.
-VOICE_GIL_SWITCH_INTERVAL_MS = env.float("VOICE_GIL_SWITCH_INTERVAL_MS", default=0.5)
 VOICE_UPSTREAM_CONNECT_TIMEOUT = env.float("VOICE_UPSTREAM_CONNECT_TIMEOUT", default=10.0)
 VOICE_UPSTREAM_STALL_SECONDS = env.float("VOICE_UPSTREAM_STALL_SECONDS", default=30.0)
 VOICE_UPSTREAM_RECYCLE_SECONDS = env.int("VOICE_UPSTREAM_RECYCLE_SECONDS", default=55 * 60)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 
 import pytest
@@ -46,15 +45,3 @@ def test_the_sampler_is_off_at_zero(settings) -> None:
     settings.VOICE_STALL_SAMPLER_MS = 0
     assert stall_sampler_start() is None
 
-
-def test_the_gil_goes_back_to_the_loop_sooner() -> None:
-    from voice.server import gil_switch_interval_set
-
-    before = sys.getswitchinterval()
-    try:
-        gil_switch_interval_set(0.5)
-        assert sys.getswitchinterval() == 0.0005
-        gil_switch_interval_set(0)  # 0: left as it is
-        assert sys.getswitchinterval() == 0.0005
-    finally:
-        sys.setswitchinterval(before)

@@ -13,7 +13,6 @@ import ctypes.util
 import gc
 import logging
 import socket
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +40,6 @@ class VoiceServer(uvicorn.Server):
         # (and every session's audio) for ~70 ms. Freeze them out of the collector once at start-up.
         gc.collect()
         gc.freeze()
-        gil_switch_interval_set(settings.VOICE_GIL_SWITCH_INTERVAL_MS)
         self._gc_watch = watch_gc_pauses()
         self._gc_policy = full_collection_policy_start()
         self._stall_sampler = stall_sampler_start()
@@ -97,18 +95,6 @@ def cap_retransmission_backoff(listener: Any, rto_max_ms: int) -> bool:
         logger.info("TCP_RTO_MAX_MS not applied (kernel older than 6.15?): %s", exc)
         return False
     return True
-
-
-def gil_switch_interval_set(interval_ms: float) -> None:
-    """Called at start-up: how long another thread may hold the GIL once the event loop thread asks for it.
-
-    Every syscall of the loop thread (a socket send or close, os.urandom for an id) releases the GIL; when the
-    database threads are busy with the ORM (a storm's session rows), they take it and keep it for a whole switch
-    interval, CPython's default 5 ms, before the loop thread gets it back: a convoy that the stall sampler
-    showed as event-loop stalls of 30-120 ms in uuid4 and socket.close during reconnect storms. A shorter
-    interval hands the GIL back sooner (0 keeps CPython's default)."""
-    if interval_ms > 0:
-        sys.setswitchinterval(interval_ms / 1000)
 
 
 def stall_sampler_start() -> StallSampler | None:
