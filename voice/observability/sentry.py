@@ -156,14 +156,43 @@ def sentry_enabled() -> bool:
 
 
 def wrap_websocket_app(app: Callable[..., Any]) -> Callable[..., Any]:
-    """Called by asgi.py: the WebSocket app wrapped in SentryAsgiMiddleware (unchanged without Sentry).
+    """Called by asgi.py: the WebSocket app with a Sentry scope per connection (unchanged without Sentry).
 
-    The middleware opens a scope per connection, attaches the (scrubbed) request data, and reports any
-    exception escaping the consumer; exceptions the consumer handles are logged with logger.exception and
-    reported through the LoggingIntegration.
+    Each connection gets its own isolation scope whose events carry the (scrubbed) request data, and an
+    exception escaping the consumer is reported; exceptions the consumer handles are logged with
+    logger.exception and reported through the LoggingIntegration. Sentry's own ASGI middleware did the same
+    plus, per connection, a release-health session, a continued trace and a transaction (never sampled for
+    WebSockets: traces_sampler): in a reconnect storm that work, run for hundreds of connections in the same
+    loop turns, doubled the live sessions' added latency (docs/BENCHMARKS.md, "Capacity v2").
     """
     if not sentry_enabled():
         return app
-    from sentry_sdk.integrations.asgi import SentryAsgiMiddleware
+    return SentryWebSocketScope(app)
 
-    return SentryAsgiMiddleware(app, mechanism_type="asgi.websocket")
+
+class SentryWebSocketScope:
+    """ASGI wrapper: one Sentry isolation scope per WebSocket connection, and its escaping exceptions reported."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        from sentry_sdk.integrations.asgi import SentryAsgiMiddleware
+
+        self.app = app
+        # Only its event processor is used: it adds the request (URL, headers) to events, as before.
+        self._request_data = SentryAsgiMiddleware(app, mechanism_type="asgi.websocket")
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> Any:
+        """Called per connection."""
+        import sentry_sdk
+        from sentry_sdk.utils import event_from_exception
+
+        with sentry_sdk.isolation_scope() as sentry_scope:
+            sentry_scope.clear_breadcrumbs()
+            sentry_scope.add_event_processor(
+                lambda event, hint: self._request_data.event_processor(event, hint, asgi_scope=scope))
+            try:
+                return await self.app(scope, receive, send)
+            except Exception as exc:
+                event, hint = event_from_exception(exc, client_options=sentry_sdk.get_client().options,
+                                                   mechanism={"type": "asgi.websocket", "handled": False})
+                sentry_sdk.capture_event(event, hint=hint)
+                raise
