@@ -18,6 +18,7 @@ from typing import Any
 from django.conf import settings
 
 from voice.realtime.control import control_channel
+from voice.realtime.registry import loop_local
 from voice.services import sessions as session_services
 from voice.services.access import concurrency_key
 from voice.services.rollout import rollout_cache_clear, rollout_snapshot
@@ -91,13 +92,7 @@ _supervisors: dict[asyncio.AbstractEventLoop, Supervisor] = {}
 
 def supervisor() -> Supervisor:
     """The running event loop's supervisor (created on first use)."""
-    loop = asyncio.get_running_loop()
-    found = _supervisors.get(loop)
-    if found is None:
-        for old in [known for known in _supervisors if known.is_closed()]:
-            del _supervisors[old]  # loops of stopped servers (tests start several)
-        found = _supervisors[loop] = Supervisor()
-    return found
+    return loop_local(_supervisors, Supervisor)
 
 
 def supervisor_close() -> None:

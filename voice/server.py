@@ -61,17 +61,13 @@ class VoiceServer(uvicorn.Server):
             self._gc_policy.stop()
         for server in self.servers:
             server.close()  # stop accepting before telling clients to reconnect elsewhere
-        if self.force_exit:  # a second SIGINT (or a test simulating a crash): no drain
-            control_channel_close()
-            supervisor_close()
-            await super().shutdown(sockets)
-            return
-        try:
-            drained = await asyncio.wait_for(drain_all(), settings.VOICE_DRAIN_GRACE_SECONDS + 5)
-            if drained:
-                logger.warning("drained %d voice sessions", drained)
-        except TimeoutError:
-            logger.error("voice drain exceeded its grace period")
+        if not self.force_exit:  # a second SIGINT (or a test simulating a crash): no drain
+            try:
+                drained = await asyncio.wait_for(drain_all(), settings.VOICE_DRAIN_GRACE_SECONDS + 5)
+                if drained:
+                    logger.warning("drained %d voice sessions", drained)
+            except TimeoutError:
+                logger.error("voice drain exceeded its grace period")
         control_channel_close()
         supervisor_close()
         await super().shutdown(sockets)

@@ -15,15 +15,11 @@ import asyncio
 
 from django.conf import settings
 
+from voice.realtime.registry import loop_local
+
 _gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
 
 def admission_gate() -> asyncio.Semaphore:
     """The running loop's gate (a semaphore released by whoever ends the admission, ready or not)."""
-    loop = asyncio.get_running_loop()
-    gate = _gates.get(loop)
-    if gate is None:
-        for old in [known for known in _gates if known.is_closed()]:
-            del _gates[old]  # loops of stopped servers (tests start several)
-        gate = _gates[loop] = asyncio.Semaphore(max(1, settings.VOICE_ADMISSION_CONCURRENCY))
-    return gate
+    return loop_local(_gates, lambda: asyncio.Semaphore(max(1, settings.VOICE_ADMISSION_CONCURRENCY)))

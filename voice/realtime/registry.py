@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from django.conf import settings
 
@@ -19,9 +20,24 @@ class Drainable(Protocol):
     async def drain(self) -> None: ...
 
 
+T = TypeVar("T")
+
 _live: dict[asyncio.AbstractEventLoop, set[Any]] = {}
 _draining: set[asyncio.AbstractEventLoop] = set()
 _admitted = 0  # sessions registered since start (any loop): tells an idle instance whether anything ran
+
+
+def loop_local(store: dict[asyncio.AbstractEventLoop, T], factory: Callable[[], T]) -> T:
+    """The running event loop's entry of `store`, made by `factory` on first use (per-process objects such as
+    the admission gate and the supervisor belong to one loop; tests run several servers, hence several loops,
+    and the entries of closed ones are dropped then)."""
+    loop = asyncio.get_running_loop()
+    found = store.get(loop)
+    if found is None:
+        for old in [known for known in store if known.is_closed()]:
+            del store[old]
+        found = store[loop] = factory()
+    return found
 
 
 def instance_id() -> str:
