@@ -15,12 +15,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deploy.processes import free_port, wait_port  # noqa: F401 - the benches import them from here
+from deploy.processes import free_port, wait_port  # the benches import them from here
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -143,6 +144,32 @@ class Server:
         self._log.close()
 
 
+@contextlib.contextmanager
+def own_redis(cpu: int | None) -> Iterator[str]:
+    """A throwaway redis-server on a free port, pinned to `cpu` (the load generator's core), for the duration
+    of a bench: its URL is exported as BENCH_REDIS_URL, which bench_env hands to every server started after.
+
+    Why: the machine's Redis is unpinned, and the scheduler often wakes it on the core of the process that
+    wrote to it, i.e. the gateway's pinned core; in a storm its work (hundreds of admissions' scripts) is
+    then taken from the gateway's core. In production Redis runs on its own machine."""
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--maxclients", "20000"]
+    proc = subprocess.Popen(pin_cmd(cmd, cpu), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    previous = os.environ.get("BENCH_REDIS_URL")
+    try:
+        wait_port(port, 10, proc)
+        os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/13"
+        yield os.environ["BENCH_REDIS_URL"]
+    finally:
+        if previous is None:
+            os.environ.pop("BENCH_REDIS_URL", None)
+        else:
+            os.environ["BENCH_REDIS_URL"] = previous
+        proc.terminate()
+        proc.wait(10)
+
+
 def spawn_process(target: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
     """Start `target(spec, out)` in a fresh (spawned) process; returns (process, its result queue)."""
     import multiprocessing as mp
@@ -200,6 +227,47 @@ def cpu_busy_seconds() -> dict[int, float]:
                 v = [int(x) for x in vals]
                 out[int(name[3:])] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
     return out
+
+
+class WhereRunning:
+    """Samples which core the threads of some processes run on (state R in /proc/<pid>/task/*/stat, field 39),
+    every `every` seconds in a background thread: {core: samples} when stopped. Tells whether an unpinned helper
+    (Redis) ran on the gateway's pinned core."""
+
+    def __init__(self, pids: list[int], every: float = 0.002) -> None:
+        import threading
+
+        self.pids, self.every, self.counts = pids, every, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            for pid in self.pids:
+                with contextlib.suppress(OSError):
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+                            fields = f.read().rsplit(")", 1)[1].split()
+                        if fields[0] == "R":
+                            core = int(fields[36])
+                            self.counts[core] = self.counts.get(core, 0) + 1
+
+    def stop(self) -> dict[int, int]:
+        self._stop.set()
+        self._thread.join(2)
+        return dict(sorted(self.counts.items()))
+
+
+def pids_of(name: str) -> list[int]:
+    """Pids of the processes whose command name is `name` (e.g. redis-server)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() == name:
+                    found.append(int(entry))
+    return found
 
 
 def loadavg() -> list[float]:

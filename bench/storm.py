@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pstats
 import sys
@@ -37,6 +38,7 @@ from bench.common import (
     PYTHON,
     ROOT,
     Server,
+    WhereRunning,
     collect_process,
     cpu_busy_seconds,
     fmt,
@@ -45,7 +47,9 @@ from bench.common import (
     loadavg,
     machine,
     median,
+    own_redis,
     pct,
+    pids_of,
     pin_self,
     prepare_db,
     proc_cpu_seconds,
@@ -182,9 +186,14 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     stream_proc, stream_out = spawn_process(_loadgen_main, stream_spec) if m else (None, None)
     storm_proc, storm_out = spawn_process(_connect_main, storm_spec)
     time.sleep(max(0.0, storm_at - time.monotonic()))
+    redis_pids = pids_of("redis-server")
+    redis_before = sum(proc_cpu_seconds(pid) for pid in redis_pids)
+    redis_where = WhereRunning(redis_pids)
     cpu_before, busy_before, wall_before = proc_cpu_seconds(server.pid), cpu_busy_seconds(), time.monotonic()
     storm = collect_process(storm_proc, storm_out, 180)
     cpu_storm = proc_cpu_seconds(server.pid) - cpu_before
+    redis_cores = redis_where.stop()
+    redis_cpu = sum(proc_cpu_seconds(pid) for pid in redis_pids) - redis_before
     # Both cores' busy share from the storm's start to its clients' exit (which includes their 1 s hold): a
     # client core near 1.0 means the load generators, not the gateway, set the ready times.
     busy_after, wall = cpu_busy_seconds(), time.monotonic() - wall_before
@@ -204,6 +213,9 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
         "storm_span_s": storm["ended_at"] - storm["started_at"],
         "server_cpu_s_during_storm": cpu_storm,
         "core_busy_during_storm": core_busy,
+        # Every redis-server on the machine (the bench's own with --redis own): its CPU over the storm and the
+        # cores it was seen running on (2 ms samples).
+        "redis_cpu_s_during_storm": redis_cpu, "redis_running_samples_by_core": redis_cores,
         "server_cpu_ms_per_admission": 1000 * cpu_storm / max(1, n),  # includes the streaming sessions' CPU
     }
     if stream:
@@ -318,11 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpu", type=int, default=1)
     parser.add_argument("--client-cpu", type=int, default=0)
     parser.add_argument("--db", default="/tmp/bench-storm.sqlite3")
+    parser.add_argument("--redis", choices=("own", "system"), default="own",
+                        help="own: a redis-server of the bench's, pinned to the client core; system: 127.0.0.1:6379")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     args.server_cpu = None if args.server_cpu < 0 else args.server_cpu
     args.client_cpu = None if args.client_cpu < 0 else args.client_cpu
+    with own_redis(args.client_cpu) if args.redis == "own" else contextlib.nullcontext():
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
     started = time.time()
     prepare_db(args.db)
     setup_django(args.db)
