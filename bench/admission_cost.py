@@ -102,6 +102,13 @@ async def measure(iterations: int, upstream_url: str, users: list[str]) -> dict[
     out["session row at start (writer thread)"] = await cpu_ms(
         lambda i: run_db_write(sessions.voice_session_start, meta=metas[i], user_pk=None, upstream="openai",
                                instance="bench", **extra), iterations)
+    from voice.realtime.accounting import TurnStats
+
+    turn_row = TurnStats(index=0, speech_ms=1500, retrieval_used=True, rag_injected=True, first_audio_ms=300.0,
+                         input_tokens=500, output_tokens=80, cost_usd=0.01, response_status="completed").row()
+    out["turn row, per answered turn (writer thread)"] = await cpu_ms(
+        lambda i: run_db_write(sessions.voice_turns_save, session_id=metas[i].session_id,
+                               rows=[{**turn_row, "index": max(i, 0)}]), iterations)
     stats = sessions.SessionStats() if hasattr(sessions, "SessionStats") else None
     out["session row at end (writer thread)"] = await cpu_ms(
         lambda i: run_db_write(sessions.voice_session_end, sessions.session_end_record(

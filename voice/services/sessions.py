@@ -27,12 +27,12 @@ from typing import Any
 
 from django.conf import settings
 from django.core import signing
-from django.db import DatabaseError, DataError, IntegrityError, transaction
-from django.db.models import Count, F, OuterRef, Q, Subquery
-from django.db.models.functions import Coalesce
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, DataError, IntegrityError, connections, transaction
+from django.db.models import F, Q
 
 from voice.models import VoiceSession, VoiceTurn
 from voice.realtime.accounting import SessionStats
+from voice.services import row_sql
 from voice.services.db import submit_write
 from voice.services.state import get_state
 
@@ -107,11 +107,14 @@ def voice_session_start(*, meta: SessionMeta, user_pk: int | None, upstream: str
         # A new session's id is new: no row to count a connection on (one query less per admission).
         counted = resumed and VoiceSession.objects.filter(pk=meta.session_id).update(connections=F("connections") + 1)
         if not counted:
-            VoiceSession.objects.create(
+            row = VoiceSession(
                 id=meta.session_id,
                 **_row_defaults(user_pk=user_pk, user_id=meta.user_id, plan=meta.plan, cohort=meta.cohort,
                                 upstream=upstream, instance=instance, started_at=meta.started_at, model=model),
             )
+            insert = row_sql.session_insert(DEFAULT_DB_ALIAS)  # what objects.create runs, compiled once
+            with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+                cursor.execute(insert.sql, insert.row_params(row, DEFAULT_DB_ALIAS))
     except DatabaseError:
         logger.exception("could not create the session row; it will be created at the end")
 
@@ -228,9 +231,11 @@ def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
     """Write answered turns' rows during the session (sync; ORM). False leaves them to the end record:
     database down, or the session row not created yet (it could not be at the start). The writer thread
     keeps its connection between these (a turn every few seconds per session): no connect per turn."""
+    exists = row_sql.session_exists(DEFAULT_DB_ALIAS)
     try:
-        with transaction.atomic():
-            if not VoiceSession.objects.filter(pk=session_id).exists():
+        with transaction.atomic(), connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+            cursor.execute(exists.sql, exists.session_params(session_id, DEFAULT_DB_ALIAS))
+            if cursor.fetchone() is None:
                 return False
             _upsert_turns(session_id, rows)
         return True
@@ -239,25 +244,22 @@ def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
         return False
 
 
-_TURN_UPDATE_FIELDS = [f.name for f in VoiceTurn._meta.concrete_fields if f.name not in ("id", "session", "index")]
-
-
 def _upsert_turns(session_id: str, rows: list[dict[str, Any]]) -> None:
-    """Insert or update turn rows, then recount the session's turns (idempotent: a replay changes nothing)."""
-    turns = []
+    """Insert or update turn rows, then recount the session's turns (idempotent: a replay changes nothing).
+    Precompiled statements (voice.services.row_sql): this runs once per answered turn on the writer thread."""
+    upsert, recount = row_sql.turn_upsert(DEFAULT_DB_ALIAS), row_sql.session_turns_recount(DEFAULT_DB_ALIAS)
+    params = []
     for row in rows:
         row = dict(row)
         started = row.pop("started_at", None)
         row["cost_usd"] = Decimal(str(round(row["cost_usd"], 6)))
-        turns.append(
-            VoiceTurn(session_id=session_id, started_at=datetime.fromtimestamp(started, tz=UTC) if started else None,
-                      **row)
-        )
-    if turns:
-        VoiceTurn.objects.bulk_create(turns, update_conflicts=True, unique_fields=["session", "index"],
-                                      update_fields=_TURN_UPDATE_FIELDS)
-    count = VoiceTurn.objects.filter(session_id=OuterRef("pk")).order_by().values("session_id").annotate(n=Count("id"))
-    VoiceSession.objects.filter(pk=session_id).update(turns=Coalesce(Subquery(count.values("n")), 0))
+        turn = VoiceTurn(session_id=session_id, started_at=datetime.fromtimestamp(started, tz=UTC) if started else None,
+                         **row)
+        params.append(upsert.row_params(turn, DEFAULT_DB_ALIAS))
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        if params:
+            cursor.executemany(upsert.sql, params)
+        cursor.execute(recount.sql, recount.session_params(session_id, DEFAULT_DB_ALIAS))
 
 
 def _write_record(record: dict[str, Any]) -> None:
