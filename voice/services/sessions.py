@@ -28,7 +28,7 @@ from typing import Any
 from django.conf import settings
 from django.core import signing
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, DataError, IntegrityError, connections, transaction
-from django.db.models import F, Q
+from django.db.models import F
 
 from voice.models import VoiceSession, VoiceTurn
 from voice.realtime.accounting import SessionStats
@@ -234,7 +234,7 @@ def voice_turns_save(*, session_id: str, rows: list[dict[str, Any]]) -> bool:
     exists = row_sql.session_exists(DEFAULT_DB_ALIAS)
     try:
         with transaction.atomic(), connections[DEFAULT_DB_ALIAS].cursor() as cursor:
-            cursor.execute(exists.sql, exists.session_params(session_id, DEFAULT_DB_ALIAS))
+            cursor.execute(exists.sql, exists.params(DEFAULT_DB_ALIAS, session_id))
             if cursor.fetchone() is None:
                 return False
             _upsert_turns(session_id, rows)
@@ -259,33 +259,32 @@ def _upsert_turns(session_id: str, rows: list[dict[str, Any]]) -> None:
     with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
         if params:
             cursor.executemany(upsert.sql, params)
-        cursor.execute(recount.sql, recount.session_params(session_id, DEFAULT_DB_ALIAS))
+        cursor.execute(recount.sql, recount.params(DEFAULT_DB_ALIAS, session_id))
 
 
 def _write_record(record: dict[str, Any]) -> None:
-    counters = {
-        name: F(name) + record[name]
-        for name in ("frames_in", "frames_out", "bytes_in", "bytes_out", "interruptions", "rag_queries",
-                     "rag_hits", "duration_s")
-    }
-    counters.update({name: F(name) + value for name, value in record["tokens"].items()})
-    counters["cost_usd"] = F("cost_usd") + Decimal(str(round(record["cost_usd"], 6)))
+    """Add one connection's counters, outcome and unwritten turns to its session row (precompiled statements:
+    voice.services.row_sql; sessions often end in bursts, each end on the writer thread)."""
+    alias = DEFAULT_DB_ALIAS
+    counters = {name: record[name] for name in row_sql.END_COUNTERS if name in record}
+    counters.update({name: record["tokens"].get(name, 0) for name in row_sql.END_COUNTERS if name.endswith("_tokens")})
+    counters["cost_usd"] = Decimal(str(round(record["cost_usd"], 6)))
     pk = record["id"]
-    with transaction.atomic():
+    add, outcome = row_sql.session_end_counters(alias), row_sql.session_end_outcome(alias)
+    with transaction.atomic(), connections[alias].cursor() as cursor:
         # The row usually exists (created at the start): add to it first, create it only when that found none.
-        if not VoiceSession.objects.filter(pk=pk).update(**counters):
+        cursor.execute(add.sql, add.params(alias, pk, **counters))
+        if not cursor.rowcount:
             VoiceSession.objects.get_or_create(id=pk, defaults=_row_defaults(
                 user_pk=record["user_pk"], user_id=record["user_id"], plan=record["plan"], cohort=record["cohort"],
                 upstream=record["upstream"], instance=record["instance"], started_at=record["started_at"],
                 model=record.get("model", ""),  # spooled by an older version: no model
             ))
-            VoiceSession.objects.filter(pk=pk).update(**counters)
-        ended_at = datetime.fromtimestamp(record["ended_at"], tz=UTC)
+            cursor.execute(add.sql, add.params(alias, pk, **counters))
         # The outcome is the latest connection's (a drained connection's record may land after the resume's).
-        VoiceSession.objects.filter(Q(ended_at__isnull=True) | Q(ended_at__lte=ended_at), pk=pk).update(
-            ended_at=ended_at, end_reason=record["end_reason"], close_code=record["close_code"],
-            error=record["error"],
-        )
+        cursor.execute(outcome.sql, outcome.params(
+            alias, pk, ended_at=datetime.fromtimestamp(record["ended_at"], tz=UTC), end_reason=record["end_reason"],
+            close_code=record["close_code"], error=record["error"]))
         if record["turns"]:  # rows written during the session were recounted then
             _upsert_turns(pk, record["turns"])
 
