@@ -217,6 +217,23 @@ def gateway_gauges(port: int, names: tuple[str, ...], timeout: float = 2.0) -> d
     return values
 
 
+def gateway_histogram(port: int, name: str, label: str, timeout: float = 2.0) -> dict[str, tuple[float, float]]:
+    """{label value: (sum, count)} of a labelled histogram on a gateway's /metrics (e.g. the admission phases)."""
+    import re
+    import urllib.request
+
+    out: dict[str, list[float]] = {}
+    pattern = re.compile(rf'^{name}_(sum|count){{{label}="([^"]*)"}} (\S+)$')
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                              timeout=timeout) as response:
+        for line in response.read().decode().splitlines():
+            match = pattern.match(line)
+            if match:
+                kind, key, value = match.groups()
+                out.setdefault(key, [0.0, 0.0])[kind == "count"] = float(value)
+    return {key: (pair[0], pair[1]) for key, pair in out.items()}
+
+
 def cpu_busy_seconds() -> dict[int, float]:
     """Busy time of each core since boot (user+nice+system+irq+softirq+steal), from /proc/stat."""
     out = {}

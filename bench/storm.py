@@ -43,6 +43,7 @@ from bench.common import (
     cpu_busy_seconds,
     fmt,
     free_port,
+    gateway_histogram,
     issue_tokens,
     loadavg,
     machine,
@@ -186,6 +187,7 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     stream_proc, stream_out = spawn_process(_loadgen_main, stream_spec) if m else (None, None)
     storm_proc, storm_out = spawn_process(_connect_main, storm_spec)
     time.sleep(max(0.0, storm_at - time.monotonic()))
+    phases_before = gateway_histogram(server.port, "voice_admission_phase_seconds", "phase")
     redis_pids = pids_of("redis-server")
     redis_before = sum(proc_cpu_seconds(pid) for pid in redis_pids)
     redis_where = WhereRunning(redis_pids)
@@ -199,6 +201,9 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     busy_after, wall = cpu_busy_seconds(), time.monotonic() - wall_before
     core_busy = {core: round((busy_after[core] - busy_before.get(core, 0.0)) / wall, 2) for core in busy_after}
     stream = collect_process(stream_proc, stream_out, 240) if stream_proc else {}
+    phases = {phase: (total - phases_before.get(phase, (0.0, 0.0))[0], count - phases_before.get(phase, (0.0, 0.0))[1])
+              for phase, (total, count) in gateway_histogram(server.port, "voice_admission_phase_seconds",
+                                                             "phase").items()}
     if "error" in storm or "error" in stream:
         return {"repeat": rep, "error": storm.get("error") or stream.get("error")}
     ready = sorted(storm["ready_s"])
@@ -216,6 +221,9 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
         # Every redis-server on the machine (the bench's own with --redis own): its CPU over the storm and the
         # cores it was seen running on (2 ms samples).
         "redis_cpu_s_during_storm": redis_cpu, "redis_running_samples_by_core": redis_cores,
+        # Mean wall time of each admission step (the gateway's voice_admission_phase_seconds over this storm;
+        # the streaming sessions were admitted before it).
+        "admission_phase_mean_ms": {phase: 1000 * total / count for phase, (total, count) in phases.items() if count},
         "server_cpu_ms_per_admission": 1000 * cpu_storm / max(1, n),  # includes the streaming sessions' CPU
     }
     if stream:

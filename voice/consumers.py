@@ -27,7 +27,7 @@ from voice.consumer_supervision import SessionSupervision
 from voice.observability.logs import bind_session, clear_session
 from voice.realtime import registry
 from voice.realtime.accounting import TurnStats
-from voice.realtime.admission import admission_gate
+from voice.realtime.admission import AdmissionClock, admission_gate
 from voice.realtime.client_events import (
     ClientEventError,
     dump_event,
@@ -107,9 +107,11 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         """Called on the handshake: accept, authenticate, admit, open the upstream (through the admission
         gate, released once the session is ready or the connection ends)."""
+        clock = self._admission_clock = AdmissionClock()
         gate = admission_gate()
         await gate.acquire()
         self._gate = gate
+        clock.mark("gate")
         offered = self.scope.get("subprotocols") or []
         await self.base_send(
             {"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None}
@@ -128,10 +130,12 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if meta is None:
             await self._refuse(Refusal("resume_forbidden", 4403, "This session belongs to another user"))
             return
+        clock.mark("authenticate")
         decision = await access_decide(identity=self.identity, session_id=meta.session_id, resuming=resumed)
         if isinstance(decision, Refusal):
             await self._refuse(decision)
             return
+        clock.mark("access")
         await self._start(meta, resumed, decision)
 
     async def _authenticate(self, query: dict[str, list[str]], offered: list[str]) -> Identity:
@@ -210,6 +214,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
     async def session_ready(self) -> None:
         """Called by the GatewaySession once the upstream is configured."""
         meta = self.meta
+        self._admission_clock.mark("upstream")
         # The row goes on the writer's queue without being awaited: in a reconnect storm every ready would
         # wait behind the rows of all the admissions before it. The writer is first in, first out, so this
         # row is written before any of the session's turn rows or its end record.
@@ -233,6 +238,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
                 session_id=meta.session_id, user_id=meta.user_id),
             "resumed": self.resumed,
         })
+        self._admission_clock.mark("ready")
+        self._admission_clock.observe()
         self._admission_done()
 
     async def session_failed(self, reason: str, error_code: str, message: str) -> None:

@@ -27,6 +27,14 @@ EVENT_LOOP_TASKS = Gauge(
     "its baseline, so steady growth is a task leak",
 )
 COST = Counter("voice_cost_usd_total", "Estimated OpenAI cost in USD", ["plan"])
+ADMISSION_PHASE = Histogram(
+    "voice_admission_phase_seconds",
+    "Each step of an admission, from the handshake to gateway.session.ready: gate (queued at the admission "
+    "gate), authenticate (JWT or ticket, resume token), access (the access decision), upstream (upstream "
+    "handshake until the session is configured), ready (resume state saved, ready sent)",
+    ["phase"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 LOOP_LAG = Histogram(
     "voice_event_loop_lag_seconds",
     "How late a 10 ms timer fires on the event loop: the delay every session's audio saw at that moment",

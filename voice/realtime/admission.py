@@ -12,9 +12,11 @@ trips), the frames wait behind at most that many steps, and the first in line ar
 from __future__ import annotations
 
 import asyncio
+import time
 
 from django.conf import settings
 
+from voice import metrics
 from voice.realtime.registry import loop_local
 
 _gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
@@ -23,3 +25,29 @@ _gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 def admission_gate() -> asyncio.Semaphore:
     """The running loop's gate (a semaphore released by whoever ends the admission, ready or not)."""
     return loop_local(_gates, lambda: asyncio.Semaphore(max(1, settings.VOICE_ADMISSION_CONCURRENCY)))
+
+
+ADMISSION_PHASES = ("gate", "authenticate", "access", "upstream", "ready")
+_phase_histograms = {phase: metrics.ADMISSION_PHASE.labels(phase=phase) for phase in ADMISSION_PHASES}
+
+
+class AdmissionClock:
+    """Times the steps of one admission (voice_admission_phase_seconds): where a storm's ready time goes."""
+
+    __slots__ = ("_at", "_steps")
+
+    def __init__(self) -> None:
+        self._at = time.monotonic()
+        self._steps: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        """Called as each step ends (in ADMISSION_PHASES order)."""
+        now = time.monotonic()
+        self._steps.append((phase, now - self._at))
+        self._at = now
+
+    def observe(self) -> None:
+        """Called once the session is ready: the steps go to the histogram (a refused admission's do not)."""
+        for phase, seconds in self._steps:
+            _phase_histograms[phase].observe(seconds)
+        self._steps.clear()
