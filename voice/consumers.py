@@ -107,7 +107,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         """Called on the handshake: accept, authenticate, admit, open the upstream (through the admission
         gate, released once the session is ready or the connection ends)."""
-        clock = self._admission_clock = AdmissionClock()
+        clock = self._admission_clock = AdmissionClock((self._fastpath or {}).get("connected_at"))
         gate = admission_gate()
         await gate.acquire()
         self._gate = gate

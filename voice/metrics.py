@@ -29,7 +29,8 @@ EVENT_LOOP_TASKS = Gauge(
 COST = Counter("voice_cost_usd_total", "Estimated OpenAI cost in USD", ["plan"])
 ADMISSION_PHASE = Histogram(
     "voice_admission_phase_seconds",
-    "Each step of an admission, from the handshake to gateway.session.ready: gate (queued at the admission "
+    "Each step of an admission, from the accepted socket to gateway.session.ready: handshake (the HTTP "
+    "upgrade, until the app takes the connection), gate (queued at the admission "
     "gate), authenticate (JWT or ticket, resume token), access (the access decision), upstream (upstream "
     "handshake until the session is configured), ready (resume state saved, ready sent)",
     ["phase"],

@@ -23,6 +23,7 @@ Servers without it (daphne, runserver) serve the same app through plain ASGI.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from uvicorn.config import Config
@@ -62,6 +63,11 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
         self._write_paused = False
 
     # --- handshake -----------------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        """Called by the event loop once the TCP connection is accepted."""
+        self._connected_at = time.monotonic()  # the admission's first phase starts here (voice_admission_phase)
+        super().connection_made(transport)
+
     def handle_connect(self, event: Any) -> None:
         """Called by websockets once the upgrade request is parsed: offer the fast path to the app."""
         super().handle_connect(event)
@@ -69,6 +75,7 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
             self.scope["extensions"][FASTPATH_EXTENSION] = {
                 "set_text_handler": self.set_text_handler,
                 "send_text_nowait": self.send_text_nowait,
+                "connected_at": self._connected_at,
             }
 
     def connection_lost(self, exc: Exception | None) -> None:

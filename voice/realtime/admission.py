@@ -27,7 +27,7 @@ def admission_gate() -> asyncio.Semaphore:
     return loop_local(_gates, lambda: asyncio.Semaphore(max(1, settings.VOICE_ADMISSION_CONCURRENCY)))
 
 
-ADMISSION_PHASES = ("gate", "authenticate", "access", "upstream", "ready")
+ADMISSION_PHASES = ("handshake", "gate", "authenticate", "access", "upstream", "ready")
 _phase_histograms = {phase: metrics.ADMISSION_PHASE.labels(phase=phase) for phase in ADMISSION_PHASES}
 
 
@@ -36,9 +36,13 @@ class AdmissionClock:
 
     __slots__ = ("_at", "_steps")
 
-    def __init__(self) -> None:
+    def __init__(self, connected_at: float | None = None) -> None:
+        """Called as the app takes the connection; `connected_at`: when the server accepted its socket (the
+        voice server's fast path knows it), so that the handshake's own time is a phase too."""
         self._at = time.monotonic()
         self._steps: list[tuple[str, float]] = []
+        if connected_at is not None:
+            self._steps.append(("handshake", self._at - connected_at))
 
     def mark(self, phase: str) -> None:
         """Called as each step ends (in ADMISSION_PHASES order)."""
