@@ -180,6 +180,7 @@ async def test_the_admission_gate_is_given_back_on_every_path(gateway, token_for
 
     settings.VOICE_ADMISSION_CONCURRENCY = 1
     settings.MAX_SESSIONS_PER_USER_PER_HOUR = 1000
+    phases_before = _admission_phase_counts()
     refused = await VoiceClient.open(gateway.ws_url, token="not-a-jwt")
     assert (await refused.wait_for("gateway.error"))["code"] == "unauthorized"
     plan_refused = await VoiceClient.open(gateway.ws_url, token=token_for(plan="essential"))
@@ -194,10 +195,21 @@ async def test_the_admission_gate_is_given_back_on_every_path(gateway, token_for
     await asyncio.sleep(0.5)
     gate = gateway.call(_gate_value(admission_gate))
     assert gate == 1
+    # Every step of the 4 admissions is timed (voice_admission_phase_seconds), the refused ones' are not.
+    counts = _admission_phase_counts()
+    assert {phase: counts[phase] - phases_before[phase] for phase in counts} == dict.fromkeys(counts, 4)
 
 
 async def _gate_value(admission_gate) -> int:
     return admission_gate()._value
+
+
+def _admission_phase_counts() -> dict[str, float]:
+    from voice.metrics import ADMISSION_PHASE
+    from voice.realtime.admission import ADMISSION_PHASES
+
+    samples = {(s.name, s.labels.get("phase")): s.value for m in ADMISSION_PHASE.collect() for s in m.samples}
+    return {phase: samples.get(("voice_admission_phase_seconds_count", phase), 0.0) for phase in ADMISSION_PHASES}
 
 
 async def test_sessions_admitted_together_each_get_their_own_terminate(gateway, token_for) -> None:
