@@ -10,7 +10,9 @@ Set-up (all subprocesses, throwaway SQLite DB, Redis database 13):
             RAG_BACKEND=off in its own env like OpenAI).
   clients   this process, on core 0 (uvloop): every session streams 40 ms pcm16 frames at real-time pace
             (silence), and about every 20 s a speech WAV from /work/shared/audio, so turns happen: server
-            VAD, transcripts, retrieval, a response with audio.
+            VAD, transcripts, retrieval, a response with audio. picows clients (compiled framing, a callback per
+            received event): with the `websockets` client (until 2026-12-04) this process took ~30 % of core 0
+            beside the engine's ~45 %, and the round trips below queued behind the load generator itself.
 
 Phases: a fresh gateway is probed ("cold"); a priming wave of N sessions (one turn each) fills the pools
 that legitimately keep their high-water mark (Redis connection pool, worker threads); after everyone has
@@ -211,72 +213,100 @@ class Totals:
         self.sessions: list[dict[str, Any]] = []
 
 
+def _soak_listener(rec: dict[str, Any], state: dict[str, Any], tot: Totals, send_times: array.array) -> Any:
+    from picows import WSListener, WSMsgType
+
+    class SoakClient(WSListener):
+        """One soak session's receiving side: the handshake, then one callback per event (picows: compiled
+        framing, no task or coroutine per received frame, so the load generator's core is not what the
+        frame round trips measure)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ready = asyncio.get_running_loop().create_future()
+            self.gone = asyncio.get_running_loop().create_future()
+
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type is WSMsgType.CLOSE:
+                if not state["closing"]:  # the server's answer to our close is not the server closing
+                    state["closed_by_server"] = frame.get_close_code()
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+                return
+            if frame.msg_type is not WSMsgType.TEXT:
+                return
+            now = time.monotonic()
+            raw = frame.get_payload_as_bytes()
+            if not self.ready.done():
+                event = json.loads(raw)
+                if event.get("type") == "gateway.session.ready":
+                    rec["session_id"] = event.get("session_id")
+                    self.ready.set_result(None)
+                elif event.get("type") == "gateway.error":
+                    self.ready.set_exception(RuntimeError(f"refused {event.get('code')}"))
+                return
+            if b'"response.output_audio.delta"' in raw[:64]:
+                rec["deltas"] += 1
+                tot.deltas += 1
+                turn = state["turn"]
+                if turn is not None and "stopped_at" in turn and "first_audio_at" not in turn:
+                    turn["first_audio_at"] = now
+                return
+            event = json.loads(raw)
+            kind = event.get("type")
+            turn = state["turn"]
+            if kind == "input_audio_buffer.speech_stopped" and turn is not None and "stopped_at" not in turn:
+                turn["stopped_at"] = now
+                end_ms = int(event.get("audio_end_ms") or 0)
+                trigger = (end_ms // 20 - 1) // 2  # the client frame the engine was processing
+                turn["audio_end_ms"] = end_ms
+                turn["vad_offset_ms"] = end_ms - 40 * turn["start_seq"]
+                if 0 <= state["seq"] - trigger < RING and trigger >= turn["start_seq"]:
+                    turn["frame_rtt_ms"] = (now - send_times[trigger % RING]) * 1000
+            elif kind == "input_audio_buffer.speech_started" and turn is not None:
+                turn.setdefault("started_at", now)
+            elif kind == "gateway.rag.context" and turn is not None:
+                turn["rag_injected"] = bool(event.get("injected"))
+            elif kind == "response.done":
+                tot.responses += 1
+                if turn is not None:
+                    turn["response_status"] = (event.get("response") or {}).get("status")
+                state["turn_done"].set()
+            elif kind in ("error", "gateway.error"):
+                tot.errors.append(json.dumps(event)[:200])
+
+        def on_ws_disconnected(self, transport: Any) -> None:
+            if state["closed_by_server"] is None and not state["closing"]:
+                state["closed_by_server"] = 1006
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionError("closed during the handshake"))
+            if not self.gone.done():
+                self.gone.set_result(None)
+
+    return SoakClient
+
+
 async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[str, list[str]]],
                   end_at: float, first_turn: float, turn_every: float, tot: Totals, sem: asyncio.Semaphore) -> None:
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
+    from picows import WSCloseCode, WSMsgType, ws_connect
 
     silence = base64.b64encode(bytes(FRAME_BYTES)).decode()
     rec: dict[str, Any] = {"i": i, "user_id": user_id, "sent": 0, "deltas": 0, "session_id": None}
+    send_times = array.array("d", bytes(8 * RING))
+    state: dict[str, Any] = {"turn": None, "seq": 0, "closed_by_server": None, "closing": False,
+                             "turn_done": asyncio.Event()}
+    turn_done: asyncio.Event = state["turn_done"]
     try:
         async with sem:
-            ws = await connect(f"{url}?token={token}", max_size=None, open_timeout=60, proxy=None,
-                               compression=None, ping_interval=None, close_timeout=5)
-            deadline = time.monotonic() + 60
-            while True:
-                event = json.loads(await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic())))
-                if event.get("type") == "gateway.session.ready":
-                    rec["session_id"] = event.get("session_id")
-                    break
-                if event.get("type") == "gateway.error":
-                    raise RuntimeError(f"refused {event.get('code')}")
+            transport, client = await ws_connect(_soak_listener(rec, state, tot, send_times), f"{url}?token={token}",
+                                                 websocket_handshake_timeout=60, max_frame_size=2**26)
+            await asyncio.wait_for(asyncio.shield(client.ready), 60)
     except Exception as exc:
         tot.connect_errors.append(f"{type(exc).__name__}: {exc}"[:160])
         return
     tot.connected += 1
     tot.live += 1
     tot.sessions.append(rec)
-    send_times = array.array("d", bytes(8 * RING))
-    state: dict[str, Any] = {"turn": None, "seq": 0, "closed_by_server": None}
-    turn_done = asyncio.Event()
-
-    async def reader() -> None:
-        try:
-            async for raw in ws:
-                now = time.monotonic()
-                if '"response.output_audio.delta"' in raw[:64]:
-                    rec["deltas"] += 1
-                    tot.deltas += 1
-                    turn = state["turn"]
-                    if turn is not None and "stopped_at" in turn and "first_audio_at" not in turn:
-                        turn["first_audio_at"] = now
-                    continue
-                event = json.loads(raw)
-                kind = event.get("type")
-                turn = state["turn"]
-                if kind == "input_audio_buffer.speech_stopped" and turn is not None and "stopped_at" not in turn:
-                    turn["stopped_at"] = now
-                    end_ms = int(event.get("audio_end_ms") or 0)
-                    trigger = (end_ms // 20 - 1) // 2  # the client frame the engine was processing
-                    turn["audio_end_ms"] = end_ms
-                    turn["vad_offset_ms"] = end_ms - 40 * turn["start_seq"]
-                    if 0 <= state["seq"] - trigger < RING and trigger >= turn["start_seq"]:
-                        turn["frame_rtt_ms"] = (now - send_times[trigger % RING]) * 1000
-                elif kind == "input_audio_buffer.speech_started" and turn is not None:
-                    turn.setdefault("started_at", now)
-                elif kind == "gateway.rag.context" and turn is not None:
-                    turn["rag_injected"] = bool(event.get("injected"))
-                elif kind == "response.done":
-                    tot.responses += 1
-                    if turn is not None:
-                        turn["response_status"] = (event.get("response") or {}).get("status")
-                    turn_done.set()
-                elif kind in ("error", "gateway.error"):
-                    tot.errors.append(json.dumps(event)[:200])
-        except ConnectionClosed as exc:
-            state["closed_by_server"] = exc.rcvd.code if exc.rcvd else 1006
-
-    read_task = asyncio.create_task(reader())
     clock = time.monotonic()
     next_turn = clock + first_turn
     pending: list[str] = []
@@ -288,8 +318,8 @@ async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[
             if delay > 0:
                 await asyncio.sleep(delay)
             now = time.monotonic()
-            if read_task.done():
-                if state["closed_by_server"] is None and now < end_at:
+            if transport.is_disconnected:
+                if state["closed_by_server"] in (None, 1000) and now < end_at:
                     state["closed_by_server"] = "ended_early"
                 break
             if now >= end_at and not pending:
@@ -307,7 +337,7 @@ async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[
                 next_turn = now + turn_every * random.uniform(0.9, 1.1)
             chunk = pending.pop(0) if pending else silence
             send_times[state["seq"] % RING] = time.monotonic()
-            await ws.send('{"type":"input_audio_buffer.append","audio":"' + chunk + '"}')
+            transport.send(WSMsgType.TEXT, b'{"type":"input_audio_buffer.append","audio":"' + chunk.encode() + b'"}')
             state["seq"] += 1
             rec["sent"] += 1
             tot.sent += 1
@@ -321,14 +351,14 @@ async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[
                 await asyncio.wait_for(turn_done.wait(), 8)
             tot.turns.append(state["turn"])
             state["turn"] = None
-    except ConnectionClosed:
-        pass
     except Exception as exc:
         tot.errors.append(f"stream {type(exc).__name__}: {exc}"[:160])
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(ws.close(), 6)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(read_task, 3)
+    if not transport.is_disconnected:
+        state["closing"] = True
+        transport.send_close(WSCloseCode.OK)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(client.gone), 6)  # the server's close answer
+        transport.disconnect()
     if state["closed_by_server"] is not None and state["closed_by_server"] not in (1000,):
         code = str(state["closed_by_server"])
         tot.unexpected_close[code] = tot.unexpected_close.get(code, 0) + 1
