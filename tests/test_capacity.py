@@ -264,3 +264,19 @@ async def test_a_redial_to_another_instance_is_not_refused(live_db, token_for, s
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("token", ["", "scrape-secret-123"])
+async def test_the_first_http_request_is_made_at_start_up(settings, token) -> None:
+    """The one-off work of a process's first request (URLconf, Sentry's patches and module scan) runs before
+    the server accepts anything, not on the loop of live sessions."""
+    from django.urls import clear_url_caches, get_resolver
+
+    from intelia_voice.asgi import application
+    from voice.server import first_request_warm_up
+
+    settings.METRICS_TOKEN = token
+    clear_url_caches()
+    assert "url_patterns" not in vars(get_resolver())
+    assert await first_request_warm_up(application, token=token) == 200  # through every middleware to the view
+    assert "url_patterns" in vars(get_resolver())  # the URLconf was loaded by it
