@@ -7,7 +7,10 @@ bench/relay.py (echo upstream and load generators on core 0, the gateway `voice_
 a baseline window the storm's N clients (another process, distinct users) all connect at once. Reported:
 ready time p50/p95/max, refused (gateway.error code) and failed connections; the streaming sessions' round
 trip p99 in the baseline window and during the storm (from the storm's first connect to 1 s after its last
-ready), and the difference ("added by the storm"); the server's CPU over the storm.
+ready), and the difference ("added by the storm"); the server's CPU over the storm, both cores' busy share,
+Redis's CPU and the cores it ran on, and the mean of each admission phase (the gateway's
+voice_admission_phase_seconds over the storm). Redis is a redis-server of the bench's own on the client core
+(`--redis system`: the machine's, unpinned, which the scheduler often runs on the gateway's core).
 
   .venv/bin/python bench/storm.py                                   # 250 storm + 250 streaming, 3 repeats
   .venv/bin/python bench/storm.py --storm 20 --streaming 20 --repeat 1 --tag smoke   # ~1 min smoke
