@@ -47,7 +47,8 @@ def instrument() -> None:
     """Wrap the decision's dependencies with timers (the decision code itself is untouched)."""
     from voice.services import access, state
 
-    labels = {"_resolve_identity": "db_user_profile", "month_spend_usd": "db_budget"}
+    labels = {"_resolve_identity": "db_user_profile", "_resolve_identities": "db_user_profile",
+              "month_spend_usd": "db_budget"}
     real_run_db = access.run_db
 
     async def timed_run_db(func: Any, *args: Any, **kwargs: Any) -> Any:

@@ -280,3 +280,41 @@ async def test_the_first_http_request_is_made_at_start_up(settings, token) -> No
     assert "url_patterns" not in vars(get_resolver())
     assert await first_request_warm_up(application, token=token) == 200  # through every middleware to the view
     assert "url_patterns" in vars(get_resolver())  # the URLconf was loaded by it
+
+
+async def test_concurrent_admissions_share_one_identity_lookup(monkeypatch) -> None:
+    """The identities of admissions waiting for the database thread are resolved in one job (one query);
+    each admission gets its own user, and one identity's failure is only its own."""
+    import asyncio
+
+    from voice.services import access, users
+    from voice.services.auth import Identity
+
+    jobs: list[int] = []
+    resolve_identities = access._resolve_identities
+
+    def counted(identities):
+        jobs.append(len(identities))
+        return resolve_identities(identities)
+
+    local_user = users._local_user
+
+    def failing_for_one(row, *, external_id, email, plan):
+        if external_id.startswith("broken"):
+            raise ValueError("a profile this test breaks")
+        return local_user(row, external_id=external_id, email=email, plan=plan)
+
+    monkeypatch.setattr(access, "_resolve_identities", counted)
+    monkeypatch.setattr(users, "_local_user", failing_for_one)
+    identities = [Identity(user_id=unique_user("batch"), plan="elite") for _ in range(11)]
+    identities.insert(5, Identity(user_id=unique_user("broken"), plan="elite"))
+    lookups = access.IdentityLookups()
+    results = await asyncio.gather(*(lookups.resolve(identity) for identity in identities), return_exceptions=True)
+    assert jobs == [12]
+    assert isinstance(results[5], ValueError)
+    assert [user.external_id for user, _ in results[:5] + results[6:]] == [
+        identity.user_id for identity in identities[:5] + identities[6:]]
+    assert all("elite" in plans for _, plans in results[:5] + results[6:])
+    # Later admissions start a new job (the first is done), known users now: no new rows.
+    again = await lookups.resolve(identities[0])
+    assert again[0].pk == results[0][0].pk and jobs == [12, 1]

@@ -29,12 +29,13 @@ from django.conf import settings
 from limits import RateLimitItemPerHour
 
 from voice.models import AccessRefusal
+from voice.realtime.registry import loop_local
 from voice.services.auth import Identity
 from voice.services.db import run_db
 from voice.services.rollout import rollout_cohort, rollout_snapshot
 from voice.services.state import get_state
 from voice.services.stats import ACTIVE_SESSIONS_KEY
-from voice.services.users import LocalUser, PlanPolicy, plan_policies, user_for_identity
+from voice.services.users import LocalUser, PlanPolicy, plan_policies, users_for_identities
 
 PLAN_NOT_ALLOWED_MESSAGE = "Voice is reserved for the Elite and Intelia plans"
 NOT_IN_ROLLOUT_MESSAGE = "Feature not available for your account"
@@ -69,8 +70,56 @@ UNAUTHORIZED = Refusal("unauthorized", 4401, "Authentication required")
 FEATURE_DISABLED = Refusal("feature_disabled", 4503, "Voice is temporarily unavailable")
 
 
-def _resolve_identity(identity: Identity) -> tuple[LocalUser, dict[str, PlanPolicy]]:
-    return user_for_identity(external_id=identity.user_id, email=identity.email, plan=identity.plan), plan_policies()
+def _resolve_identities(identities: list[Identity]) -> tuple[list[LocalUser | Exception], dict[str, PlanPolicy]]:
+    users = users_for_identities([(identity.user_id, identity.email, identity.plan) for identity in identities])
+    return users, plan_policies()
+
+
+class IdentityLookups:
+    """The access decision's database reads, batched: while the database thread resolves one batch of
+    identities, the admissions that arrive meanwhile queue, and the next job takes all of them (one query).
+
+    In a reconnect storm each admission used to hop to the database thread alone. Each hop needs the GIL a
+    few times on a thread that competes with the busy event loop for it (up to a switch interval, 5 ms, each
+    time), and the hops queued behind each other: a mean of 11 ms and a p95 of 54 ms per lookup
+    (docs/BENCHMARKS.md). One job per batch pays that once for all of them."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Identity, asyncio.Future[tuple[LocalUser, dict[str, PlanPolicy]]]]] = []
+        self._running = False
+
+    async def resolve(self, identity: Identity) -> tuple[LocalUser, dict[str, PlanPolicy]]:
+        """Called by each admission: its local user and the plans."""
+        future: asyncio.Future[tuple[LocalUser, dict[str, PlanPolicy]]] = asyncio.get_running_loop().create_future()
+        self._pending.append((identity, future))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    users, plans = await run_db(_resolve_identities, [identity for identity, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - the database failed: each admission of the batch fails
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), user in zip(batch, users, strict=True):
+                    if future.done():  # its connection went away meanwhile
+                        continue
+                    if isinstance(user, Exception):
+                        future.set_exception(user)
+                    else:
+                        future.set_result((user, plans))
+        finally:
+            self._running = False
+
+
+_lookups: dict[asyncio.AbstractEventLoop, IdentityLookups] = {}
 
 
 def rate_item(plan: PlanPolicy) -> RateLimitItemPerHour:
@@ -96,7 +145,7 @@ async def access_decide(
     if not rollout.voice_enabled:
         return FEATURE_DISABLED
 
-    user, plans = await run_db(_resolve_identity, identity)
+    user, plans = await loop_local(_lookups, IdentityLookups).resolve(identity)
     plan_code = identity.plan or user.plan_code or ""
     plan = plans.get(plan_code)
     if plan is None or not plan.voice_enabled:

@@ -9,7 +9,7 @@ from datetime import UTC
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -42,7 +42,9 @@ class LocalUser:
     monthly_budget_usd: float | None
 
 
-_PROFILE_FIELDS = ("pk", "user_id", "email", "last_seen_at", "monthly_budget_usd", "plan__code", "user__is_staff")
+_PROFILE_FIELDS = ("pk", "user_id", "email", "last_seen_at", "monthly_budget_usd", "plan__code", "user__is_staff",
+                   "external_id")
+BATCH_LOOKUP_MAX = 32  # profiles per query of a batch
 _PLACEHOLDER = "\x00external-id\x00"
 
 
@@ -56,13 +58,40 @@ def _profile_lookup_sql(alias: str) -> str:
     return sql
 
 
+@functools.lru_cache(maxsize=64)
+def _profiles_lookup_sql(alias: str, count: int) -> str:
+    """The lookup of `count` profiles at once (an admission storm's batch), compiled once per size."""
+    placeholders = [f"{_PLACEHOLDER}{i}" for i in range(count)]
+    query = VoiceProfile.objects.using(alias).filter(external_id__in=placeholders).values(*_PROFILE_FIELDS).query
+    sql, params = query.get_compiler(alias).as_sql()
+    assert sorted(params) == sorted(placeholders), params
+    return sql
+
+
 def _profile_row(external_id: str) -> dict[str, Any] | None:
     connection = connections[DEFAULT_DB_ALIAS]
     with connection.cursor() as cursor:
         cursor.execute(_profile_lookup_sql(DEFAULT_DB_ALIAS), [external_id])
         values = cursor.fetchone()
-    if values is None:
-        return None
+    return None if values is None else _typed_row(values)
+
+
+def _profile_rows(external_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Profiles by external id, BATCH_LOOKUP_MAX per query."""
+    rows: dict[str, dict[str, Any]] = {}
+    connection = connections[DEFAULT_DB_ALIAS]
+    unique = list(dict.fromkeys(external_ids))
+    with connection.cursor() as cursor:
+        for start in range(0, len(unique), BATCH_LOOKUP_MAX):
+            chunk = unique[start:start + BATCH_LOOKUP_MAX]
+            cursor.execute(_profiles_lookup_sql(DEFAULT_DB_ALIAS, len(chunk)), chunk)
+            for values in cursor.fetchall():
+                row = _typed_row(values)
+                rows[row["external_id"]] = row
+    return rows
+
+
+def _typed_row(values: tuple[Any, ...]) -> dict[str, Any]:
     row = dict(zip(_PROFILE_FIELDS, values, strict=True))
     # A raw cursor skips the ORM's converters: SQLite hands back text and numbers.
     if isinstance(row["last_seen_at"], str):
@@ -79,7 +108,26 @@ def user_for_identity(*, external_id: str, email: str = "", plan: str | None = N
     Called on every connection (the access decision's only database read): one precompiled query, and a
     write only when something changed or every 5 minutes (`last_seen_at`).
     """
-    row = _profile_row(external_id)
+    return _local_user(_profile_row(external_id), external_id=external_id, email=email, plan=plan)
+
+
+def users_for_identities(identities: list[tuple[str, str, str | None]]) -> list[LocalUser | Exception]:
+    """`user_for_identity` for (external_id, email, plan) of many connections at once (sync; ORM): one query
+    for all their profiles, then per identity only what a single lookup would write (a new user, a changed
+    email, a stale `last_seen_at`). An identity that fails gets its exception, the others their users."""
+    rows = _profile_rows([external_id for external_id, _, _ in identities])
+    found: list[LocalUser | Exception] = []
+    for external_id, email, plan in identities:
+        try:
+            found.append(_local_user(rows.get(external_id), external_id=external_id, email=email, plan=plan))
+        except DatabaseError:
+            raise  # the database is down: every lookup of the batch fails alike
+        except Exception as exc:  # noqa: BLE001 - that identity's own failure, handed to its admission
+            found.append(exc)
+    return found
+
+
+def _local_user(row: dict[str, Any] | None, *, external_id: str, email: str, plan: str | None) -> LocalUser:
     if row is None:
         user, _ = get_user_model().objects.get_or_create(username=external_id[:150], defaults={"email": email})
         # The plan claim seeds the profile, so the admin sees it; later tokens without a claim use it.
