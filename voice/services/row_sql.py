@@ -1,11 +1,12 @@
-"""Precompiled SQL for the rows written while sessions run: a session's start row and its turn rows.
+"""Precompiled SQL for the rows written as sessions run: a session's start row, its turn rows, its end record.
 
 These writes run on the writer thread (voice.services.db), which holds the GIL whenever it runs Python. The
-ORM spends most of such a write in Python building the statement (a turn row: ~1.5 ms of compiling and
-field preparation for ~0.1 ms of SQLite), and every one of those milliseconds is one the event loop can
-wait for when it wakes with frames to relay. Each statement is built here once per database by the ORM
-itself (so it follows the backend's dialect and the models), then executed with parameters that the
-fields prepare exactly as the ORM would (`get_db_prep_save`).
+ORM spent most of such a write in Python building the statement (a turn row: 2.2 ms of CPU, 0.7–0.9 ms
+precompiled; an end record 2.3–2.6 ms, 0.8 ms; docs/BENCHMARKS.md), and every one of those milliseconds is
+one the event loop can wait for when it wakes with frames to relay. Each statement is built here once per
+database by the ORM itself (so it follows the backend's dialect and the models), then executed with
+parameters that the fields prepare as the ORM would (`get_db_prep_save`); UPDATEs are compiled with
+sentinel values, whose places among the parameters receive the real values.
 """
 
 from __future__ import annotations
