@@ -266,8 +266,9 @@ def _write_record(record: dict[str, Any]) -> None:
     """Add one connection's counters, outcome and unwritten turns to its session row (precompiled statements:
     voice.services.row_sql; sessions often end in bursts, each end on the writer thread)."""
     alias = DEFAULT_DB_ALIAS
-    counters = {name: record[name] for name in row_sql.END_COUNTERS if name in record}
-    counters.update({name: record["tokens"].get(name, 0) for name in row_sql.END_COUNTERS if name.endswith("_tokens")})
+    tokens = record["tokens"]
+    counters = {name: tokens.get(name, 0) if name.endswith("_tokens") else record[name]
+                for name in row_sql.END_COUNTERS}
     counters["cost_usd"] = Decimal(str(round(record["cost_usd"], 6)))
     pk = record["id"]
     add, outcome = row_sql.session_end_counters(alias), row_sql.session_end_outcome(alias)
