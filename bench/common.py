@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deploy.processes import free_port, wait_port  # the benches import them from here
+from deploy.processes import Proc, free_port, wait_port  # the benches import free_port and wait_port from here
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -155,10 +155,10 @@ def own_redis(cpu: int | None) -> Iterator[str]:
     port = free_port()
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--maxclients", "20000"]
-    proc = subprocess.Popen(pin_cmd(cmd, cpu), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    redis = Proc("bench-redis", pin_cmd(cmd, cpu), Path(f"/tmp/bench-redis-{port}.log"))
     previous = os.environ.get("BENCH_REDIS_URL")
     try:
-        wait_port(port, 10, proc)
+        wait_port(port, 10, redis.proc)
         os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/13"
         yield os.environ["BENCH_REDIS_URL"]
     finally:
@@ -166,8 +166,7 @@ def own_redis(cpu: int | None) -> Iterator[str]:
             os.environ.pop("BENCH_REDIS_URL", None)
         else:
             os.environ["BENCH_REDIS_URL"] = previous
-        proc.terminate()
-        proc.wait(10)
+        redis.stop(10)
 
 
 def spawn_process(target: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
