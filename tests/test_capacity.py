@@ -231,6 +231,34 @@ async def test_sessions_admitted_together_each_get_their_own_terminate(gateway, 
     assert await asyncio.gather(*(c.wait_closed(5) for c in clients[1:])) == [4010] * 3
 
 
+async def test_a_terminate_reaches_the_session_on_whichever_instance_holds_it(gateway, token_for) -> None:
+    """Sessions join no group of their own (two Redis round trips per admission): an operator's terminate
+    goes to every instance, and only the one holding the session ends it. The other instance is a real
+    process (channels_redis shares one receive buffer among the event loops of a process)."""
+    import asyncio
+
+    from tests.conftest import free_port
+    from tests.test_drain import start_gateway_process
+    from voice.services.rollout import broadcast_terminate
+
+    port = free_port()
+    proc = start_gateway_process(port)
+    try:
+        other_url = f"ws://127.0.0.1:{port}/v1/ws/voice"
+        clients = [await VoiceClient.open(url, token=token_for()) for url in (gateway.ws_url, other_url, other_url)]
+        ids = [(await c.wait_for("gateway.session.ready", timeout=30))["session_id"] for c in clients]
+        await asyncio.sleep(0.5)  # both processes joined the broadcast group
+        for target in (1, 0):
+            assert await asyncio.to_thread(broadcast_terminate, code="terminated", session_id=ids[target])
+            assert await clients[target].wait_closed(5) == 4010
+        await asyncio.sleep(0.3)
+        assert not clients[2].seen("gateway.error")  # the other session of that instance is untouched
+        await clients[2].close()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
 async def test_a_redial_to_another_instance_is_not_refused(live_db, token_for, settings, monkeypatch) -> None:
     """Hang up on one instance and redial at once through the load balancer to the other: the first
     instance's slot release may still be in flight (here it takes 0.15 s); the second retries briefly

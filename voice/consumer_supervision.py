@@ -20,10 +20,9 @@ from django.conf import settings
 from voice.realtime.control import control_channel
 from voice.realtime.registry import loop_local
 from voice.services import sessions as session_services
-from voice.services.access import concurrency_key
+from voice.services.access import session_slots
 from voice.services.rollout import rollout_cache_clear, rollout_snapshot
 from voice.services.state import get_state
-from voice.services.stats import ACTIVE_SESSIONS_KEY
 
 logger = logging.getLogger("voice.consumers")
 
@@ -152,13 +151,13 @@ class SessionSupervision:
 
     def _presence_slots(self) -> list[tuple[str, str]]:
         """This session's slots: its user's concurrency slot and its live-session slot."""
-        return [(concurrency_key(self.identity.user_id), self.session_id), (ACTIVE_SESSIONS_KEY, self.session_id)]
+        return session_slots(self.identity.user_id, self.session_id)
 
     async def _publish_presence(self, *, just_admitted: bool = False) -> None:
-        """Publish (at the start, or after a Redis outage again) this session's slots and groups."""
-        # Right after admission, the concurrency slot was just taken with this time to live.
-        slots = self._presence_slots()[1:] if just_admitted else self._presence_slots()
-        await get_state().slots_refresh(slots, ttl=SLOT_REFRESH_SECONDS * 3)
+        """Publish (at the start, or after a Redis outage again) this session's slots and join the control
+        channel."""
+        if not just_admitted:  # the admission took both slots with this time to live, in one round trip
+            await get_state().slots_refresh(self._presence_slots(), ttl=SLOT_REFRESH_SECONDS * 3)
         if not self._control_current():
             await self._join_control()
 
@@ -170,7 +169,7 @@ class SessionSupervision:
             self.channel_layer).generation
 
     async def _join_control(self) -> None:
-        self._control_joined = await control_channel(self.channel_layer).join(self.session_id)
+        self._control_joined = await control_channel(self.channel_layer).join()
 
     async def session_terminate(self, message: dict[str, Any]) -> None:
         """Called by the process's control channel: the kill switch was engaged, or an operator ended this

@@ -5,8 +5,9 @@ A channel, a receive loop and channels_redis' two helper tasks per session were 
 asyncio tasks, and cancelling that receive at every session end (it is usually parked in a blocking Redis
 read) threw the Redis connection away: the next session opened a new one (connect + handshake round trips)
 and the cancelled read left a cycle of garbage (task, timeout, exception, frames). Now the process's channel
-joins the broadcast group once, and each session's own group (`voice.session.<id>`) on its first presence
-refresh; messages name the session they are for (`session_id`), and a message without one is a broadcast.
+joins the broadcast group once. Every control message goes to that group, and one meant for one session names
+it (`session_id`): the process holding that session acts, the others ignore it. Operators end a session
+rarely; a group per session cost two Redis round trips at every admission (and a key kept for a day).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class ControlChannel:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._naming = asyncio.Lock()  # sessions admitted together must all join the same channel
 
-    async def join(self, session_id: str) -> int | None:
+    async def join(self) -> int | None:
         """Called by a live session's presence refresh until it succeeds: put this process's channel in the
-        session's group (and the broadcast group); the generation joined, or None when the layer is down."""
+        broadcast group (once per generation); the generation joined, or None when the layer is down."""
         from voice.services.rollout import BROADCAST_GROUP
 
         try:
@@ -44,10 +45,11 @@ class ControlChannel:
                     if self.name is None:
                         self.name = await self.layer.new_channel()
             if not self.broadcast_joined:
-                await asyncio.wait_for(self.layer.group_add(BROADCAST_GROUP, self.name), JOIN_TIMEOUT_SECONDS)
-                self.broadcast_joined = True
-            await asyncio.wait_for(self.layer.group_add(session_group(session_id), self.name),
-                                   JOIN_TIMEOUT_SECONDS)
+                async with self._naming:  # sessions admitted together: one of them joins
+                    if not self.broadcast_joined:
+                        await asyncio.wait_for(self.layer.group_add(BROADCAST_GROUP, self.name),
+                                               JOIN_TIMEOUT_SECONDS)
+                        self.broadcast_joined = True
         except Exception:  # noqa: BLE001 - the layer's Redis is down: the kill switch is also polled
             logger.warning("channel layer unavailable; control messages paused until it returns")
             return None
@@ -89,11 +91,6 @@ class ControlChannel:
         """Called when the event loop's server stops (tests run several in one process)."""
         if self._listener is not None:
             self._listener.cancel()
-
-
-def session_group(session_id: str) -> str:
-    """The channel-layer group of one session (operators' terminate)."""
-    return f"voice.session.{session_id}"
 
 
 _channels: dict[asyncio.AbstractEventLoop, ControlChannel] = {}

@@ -165,14 +165,10 @@ async def access_decide(
     slot_key = concurrency_key(identity.user_id)
     await _released(identity.user_id)
     rate = state.rate_check(rate_item(plan), rate_key(identity.user_id)) if not resuming else _allowed()
-    (allowed, retry_after), acquired = await asyncio.gather(
-        rate,
-        state.slot_acquire(slot_key, session_id, limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
-                           ttl=CONCURRENT_SLOT_TTL),
-    )
+    (allowed, retry_after), acquired = await asyncio.gather(rate, _slot_acquire(slot_key, session_id))
     if not allowed:
         if acquired:
-            await state.slot_release(slot_key, session_id)
+            await state.slots_release(session_slots(identity.user_id, session_id))
         message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
         return await _refused(Refusal("rate_limited", 4429, message, retry_after), identity, plan_code)
     if not acquired:
@@ -203,21 +199,28 @@ def slot_release_begin(*, external_user_id: str, session_id: str) -> asyncio.Tas
     return task
 
 
+def session_slots(external_user_id: str, session_id: str) -> list[tuple[str, str]]:
+    """The slots an admitted session holds: its user's concurrency slot and its live-session slot."""
+    return [(concurrency_key(external_user_id), session_id), (ACTIVE_SESSIONS_KEY, session_id)]
+
+
 async def _release_slots(external_user_id: str, session_id: str) -> None:
-    state = get_state()
     with contextlib.suppress(Exception):
-        await asyncio.gather(state.slot_release(concurrency_key(external_user_id), session_id),
-                             state.slot_release(ACTIVE_SESSIONS_KEY, session_id))
+        await get_state().slots_release(session_slots(external_user_id, session_id))
+
+
+async def _slot_acquire(slot_key: str, session_id: str) -> bool:
+    """The user's concurrency slot and, once it is taken, the live-session slot: one round trip."""
+    return await get_state().slot_acquire(slot_key, session_id, limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
+                                          ttl=CONCURRENT_SLOT_TTL, also=(ACTIVE_SESSIONS_KEY,))
 
 
 async def _slot_acquire_after_redial(slot_key: str, session_id: str) -> bool:
     """A user who hung up on another instance and redialled here at once may arrive while that instance's
     release is still in flight (a Redis round trip): a few short retries (0.35 s in all) before refusing."""
-    state = get_state()
     for delay in REDIAL_RETRY_DELAYS:
         await asyncio.sleep(delay)
-        if await state.slot_acquire(slot_key, session_id, limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
-                                    ttl=CONCURRENT_SLOT_TTL):
+        if await _slot_acquire(slot_key, session_id):
             return True
     return False
 

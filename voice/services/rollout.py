@@ -143,14 +143,12 @@ def broadcast_terminate(*, code: str, session_id: str | None = None) -> bool:
     layer = get_channel_layer()
     if layer is None:
         return False
-    from voice.realtime.control import session_group
-
-    group = session_group(session_id) if session_id else BROADCAST_GROUP
     message = {"type": "session.terminate", "code": code}
     if session_id:
-        message["session_id"] = session_id  # one channel per process receives it (voice/realtime/control.py)
+        # Every process receives it; the one holding the session ends it (voice/realtime/control.py).
+        message["session_id"] = session_id
     try:
-        async_to_sync(layer.group_send)(group, message)
+        async_to_sync(layer.group_send)(BROADCAST_GROUP, message)
     except Exception:  # noqa: BLE001 - sessions also poll the kill switch every second
         return False
     return True

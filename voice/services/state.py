@@ -33,12 +33,15 @@ T = TypeVar("T")
 
 KEY_PREFIX = "intelia_voice:"
 
-# Atomically: drop expired members, admit `member` if fewer than `limit` remain (or it is already in).
+# Atomically: drop expired members, admit `member` if fewer than `limit` remain (or it is already in); once
+# admitted, it also joins the unlimited slot sets KEYS[2..] (the live sessions): one round trip for both.
 _SLOT_ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  for i = 1, #KEYS do
+    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
+    redis.call('EXPIRE', KEYS[i], ARGV[5])
+  end
   return 1
 end
 return 0
@@ -244,20 +247,24 @@ class SharedState:
         await self._run(lambda r: r.delete(key), lambda m: m.values.pop(key, None))
 
     # --- slots: members with a heartbeat expiry (concurrent sessions, live sessions) -----------------
-    async def slot_acquire(self, key: str, member: str, *, limit: int, ttl: float) -> bool:
-        """Called when a session starts: take one of `limit` slots under `key` (True when taken)."""
-        key, now = KEY_PREFIX + key, time.time()
+    async def slot_acquire(
+        self, key: str, member: str, *, limit: int, ttl: float, also: tuple[str, ...] = ()
+    ) -> bool:
+        """Called when a session is admitted: take one of `limit` slots under `key` (True when taken); once
+        taken, the member also holds a slot in each unlimited set of `also`, in the same round trip."""
+        keys, now = [KEY_PREFIX + k for k in (key, *also)], time.time()
 
         def memory(m: _MemoryBackend) -> bool:
-            members = m.zset(key)
+            members = m.zset(keys[0])
             if member in members or len(members) < limit:
-                members[member] = now + ttl
+                for k in keys:
+                    m.zset(k)[member] = now + ttl
                 return True
             return False
 
         return bool(
             await self._run(
-                lambda r: self._slot_script(keys=[key], args=[now, now + ttl, member, limit, int(ttl) + 1]),
+                lambda r: self._slot_script(keys=keys, args=[now, now + ttl, member, limit, int(ttl) + 1]),
                 memory,
             )
         )
@@ -289,8 +296,26 @@ class SharedState:
 
     async def slot_release(self, key: str, member: str) -> None:
         """Called when a session ends."""
-        key = KEY_PREFIX + key
-        await self._run(lambda r: r.zrem(key, member), lambda m: m.zset(key).pop(member, None))
+        await self.slots_release([(key, member)])
+
+    async def slots_release(self, slots: list[tuple[str, str]]) -> None:
+        """Called when a session ends or is refused: every (key, member) slot given back in one round trip."""
+        keyed = [(KEY_PREFIX + key, member) for key, member in slots]
+
+        async def on_redis(r: aioredis.Redis) -> None:
+            if len(keyed) == 1:
+                await r.zrem(*keyed[0])
+                return
+            async with r.pipeline(transaction=False) as pipe:
+                for key, member in keyed:
+                    pipe.zrem(key, member)
+                await pipe.execute()
+
+        def on_memory(m: _MemoryBackend) -> None:
+            for key, member in keyed:
+                m.zset(key).pop(member, None)
+
+        await self._run(on_redis, on_memory)
 
     async def slot_members(self, key: str) -> list[str]:
         """Called by stats and operators: the live members under `key`."""
