@@ -59,6 +59,7 @@ from bench.common import (
     proc_cpu_seconds,
     setup_django,
     spawn_process,
+    stand_in_priority,
     table,
     write_result,
 )
@@ -244,6 +245,14 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
         })
         if base and during:
             result["added_p99_by_storm_ms"] = pct(during, 99) - pct(base, 99)
+        # When in the storm the frames waited: p99 per 250 ms from the storm's first connect (the handshake
+        # burst comes first, then the admissions through the gate).
+        buckets: dict[int, list[float]] = {}
+        for r, t in zip(rtts, at, strict=True):
+            if start <= t < end:
+                buckets.setdefault(int((t - start) / 0.25), []).append(r)
+        result["rtt_p99_by_250ms_ms"] = [round(pct(buckets.get(i, []), 99) or 0.0, 1)
+                                         for i in range(max(buckets) + 1 if buckets else 0)]
     return result
 
 
@@ -343,11 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default="/tmp/bench-storm.sqlite3")
     parser.add_argument("--redis", choices=("own", "system"), default="own",
                         help="own: a redis-server of the bench's, pinned to the client core; system: 127.0.0.1:6379")
+    parser.add_argument("--stand-in-nice", type=int, default=-10,
+                        help="nice of the bench's Redis and upstream (stand-ins for other machines) on the client "
+                             "core; 0: the load generators' priority (before 2026-12-04)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     args.server_cpu = None if args.server_cpu < 0 else args.server_cpu
     args.client_cpu = None if args.client_cpu < 0 else args.client_cpu
-    with own_redis(args.client_cpu) if args.redis == "own" else contextlib.nullcontext():
+    with own_redis(args.client_cpu, args.stand_in_nice) if args.redis == "own" else contextlib.nullcontext():
         return _run(args)
 
 
@@ -361,6 +373,8 @@ def _run(args: argparse.Namespace) -> int:
     upstream_url = f"ws://127.0.0.1:{upstream_port}/v1/realtime"
     upstream = Server("echo-upstream", [PYTHON, str(ROOT / "bench" / "relay.py"), "upstream", "--port",
                                         str(upstream_port)], upstream_port, cpu=args.client_cpu).wait_ready()
+    if args.stand_in_nice:
+        stand_in_priority(upstream.pid, args.stand_in_nice)
     payload: dict[str, Any] = {"bench": "storm", "args": vars(args), "machine": info}
     try:
         if args.profile:
@@ -378,6 +392,7 @@ def _run(args: argparse.Namespace) -> int:
                           f"{fmt(run.get('rtt_baseline_ms', {}).get('p99'))} -> "
                           f"{fmt(run.get('rtt_during_storm_ms', {}).get('p99'))} ms (added "
                           f"{fmt(run.get('added_p99_by_storm_ms'))}) dropped {run.get('dropped')} "
+                          f"p99 per 250 ms {run.get('rtt_p99_by_250ms_ms')} "
                           f"cores busy {run.get('core_busy_during_storm')} load {loadavg()}"
                           + (f" ERROR {run['error']}" if run.get("error") else ""), flush=True)
                 payload["runs"] = runs

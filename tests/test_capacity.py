@@ -346,3 +346,57 @@ async def test_concurrent_admissions_share_one_identity_lookup(monkeypatch) -> N
     # Later admissions start a new job (the first is done), known users now: no new rows.
     again = await lookups.resolve(identities[0])
     assert again[0].pk == results[0][0].pk and jobs == [12, 1]
+
+
+async def test_new_connections_are_read_a_few_per_loop_turn() -> None:
+    """A burst of accepted connections is read (parsed, handshaken, started) at most VOICE_HANDSHAKES_PER_TURN
+    per turn of the loop, in arrival order, so live frames are read between batches; a connection closed
+    while waiting is skipped."""
+    import asyncio
+
+    from voice.handshake_pacing import HandshakePacer
+
+    class Transport:
+        def __init__(self) -> None:
+            self.reading, self.closing = False, False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+    pacer = HandshakePacer(per_turn=8)
+    transports = [Transport() for _ in range(20)]
+    transports[3].closing = True
+    for transport in transports:
+        pacer.admit(transport)
+    read_after_each_turn = []
+    for _ in range(4):
+        await asyncio.sleep(0)
+        read_after_each_turn.append([n for n, t in enumerate(transports) if t.reading])
+    assert [len(read) for read in read_after_each_turn] == [7, 15, 19, 19]
+    assert read_after_each_turn[0] == [0, 1, 2, 4, 5, 6, 7]  # first come, first read
+    pacer.admit(late := Transport())  # alone: read in the next turn
+    await asyncio.sleep(0)
+    assert late.reading
+
+
+async def test_a_burst_of_connections_is_admitted_through_a_pacer_of_one(gateway, token_for, settings) -> None:
+    """Paced one handshake per turn, a burst still gets every connection ready, and the admission's handshake
+    phase is timed from the socket's accept (the pacer's wait included)."""
+    import asyncio
+
+    from voice import handshake_pacing
+
+    handshake_pacing._pacers.clear()
+    settings.VOICE_HANDSHAKES_PER_TURN = 1
+    try:
+        before = _admission_phase_counts()
+        clients = await asyncio.gather(*(VoiceClient.open(gateway.ws_url, token=token_for()) for _ in range(12)))
+        readies = await asyncio.gather(*(c.wait_for("gateway.session.ready", timeout=30) for c in clients))
+        assert len({r["session_id"] for r in readies}) == 12
+        assert _admission_phase_counts()["handshake"] - before["handshake"] == 12
+        await asyncio.gather(*(c.close() for c in clients))
+    finally:
+        handshake_pacing._pacers.clear()

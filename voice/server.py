@@ -21,6 +21,7 @@ import uvicorn
 from django.conf import settings
 
 from voice.gc_policy import full_collection_policy_start, watch_gc_pauses
+from voice.handshake_pacing import PacedH11Protocol
 from voice.observability.stall_sampler import StallSampler
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def server_config(*, host: str, port: int, uds: str | None = None, fd: int | Non
         uds=uds,
         fd=fd,
         loop=loop,
-        http="h11",
+        http=PacedH11Protocol,  # h11, its connections read a few per loop turn (voice/handshake_pacing.py)
         ws=VOICE_WS_PROTOCOL if ws == "voice" else ws,
         ws_max_size=settings.VOICE_MAX_FRAME_BYTES,  # larger frames: close 1009 by the server itself
         ws_per_message_deflate=False,  # base64 audio barely compresses; deflate costs CPU per frame

@@ -33,6 +33,7 @@ from uvicorn.server import ServerState
 from websockets.protocol import OPEN
 from websockets.speedups import apply_mask
 
+from voice.handshake_pacing import upgrading_accepted_at
 from voice.realtime.inbox import MAX_QUEUED, BypassHandler, Inbox
 
 FASTPATH_EXTENSION = "intelia.voice.fastpath"
@@ -65,7 +66,8 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
     # --- handshake -----------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         """Called by the event loop once the TCP connection is accepted."""
-        self._connected_at = time.monotonic()  # the admission's first phase starts here (voice_admission_phase)
+        # The admission's first phase starts when the socket was accepted (voice_admission_phase).
+        self._connected_at = upgrading_accepted_at() or time.monotonic()
         super().connection_made(transport)
 
     def handle_connect(self, event: Any) -> None:
