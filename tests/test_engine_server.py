@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import math
+import struct
 from typing import Any
 
 import pytest
@@ -11,7 +14,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.test_engine import _close_upstreams, ask, cfg, drain, recv, send, start, until
-from voice.realtime.engine import LocalUpstream
+from voice.realtime.engine import EngineClosed, EngineSession, LocalUpstream
+from voice.realtime.engine import session as engine_session
 from voice.realtime.engine.server import EngineServerThread, start_engine_server
 from voice.realtime.upstream import UpstreamClosed, UpstreamConnectError
 
@@ -174,6 +178,48 @@ async def test_server_faults_close_the_socket(server_url: str) -> None:
     assert closed.value.rcvd is None  # abnormal closure: no close frame at all
 
 
+async def test_server_401_has_the_openai_error_body(server_url: str) -> None:
+    with pytest.raises(InvalidStatus) as exc:
+        async with connect(server_url):
+            pass
+    body = json.loads(exc.value.response.body)
+    assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "invalid_request_error"
+
+
+async def test_server_forwards_close_codes_and_reasons(server_url: str) -> None:
+    async with connect(server_url, additional_headers=AUTH) as ws:
+        await ws_json(ws)
+        await ws.send(json.dumps({"type": "engine.test_hook", "action": "close", "close_code": 4321}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_json(ws)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4321, "simulated close")
+
+
+async def test_server_reassembles_fragments_and_caps_messages(server_url: str) -> None:
+    async with connect(server_url, additional_headers=AUTH, max_size=None) as ws:
+        await ws_json(ws)
+        await ws.send(iter(['{"type": "input_audio_buffer', '.clear"}']))  # one message in two frames
+        assert (await ws_json(ws))["type"] == "input_audio_buffer.cleared"
+        await ws.send(b'{"type": "input_audio_buffer.clear"}')  # binary JSON is parsed too
+        assert (await ws_json(ws))["type"] == "input_audio_buffer.cleared"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.send("x" * (16 * 1024 * 1024 + 1))
+            await ws_json(ws, 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+async def test_server_close_says_going_away_to_clients() -> None:
+    server, port = await start_engine_server(port=0, config=cfg())
+    async with connect(f"ws://127.0.0.1:{port}/v1/realtime", additional_headers=AUTH) as ws:
+        await ws_json(ws)
+        server.close()
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_json(ws)
+        await server.wait_closed()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
 async def test_server_fail_with_invalid_api_key_is_401() -> None:
     server, port = await start_engine_server(port=0, config=cfg(fail_with="invalid_api_key"))
     try:
@@ -201,3 +247,73 @@ def test_management_command_help() -> None:
     text = Command().create_parser("manage.py", "realtime_engine").format_help()
     for option in ("--port", "--host", "--first-audio-ms", "--speed", "--script"):
         assert option in text
+
+
+# --- the append fast path ----------------------------------------------------------------------------------
+def _b64_tone(ms: int, amplitude: int) -> str:
+    pcm = b"".join(struct.pack("<h", int(amplitude * math.sin(i / 8))) for i in range(ms * 24))
+    return base64.b64encode(pcm).decode()
+
+
+LOUD, QUIET = _b64_tone(40, 12000), _b64_tone(40, 0)
+APPENDS = [
+    *[f'{{"type":"input_audio_buffer.append","audio":"{LOUD}"}}'] * 8,  # speech starts
+    f'{{"type":"input_audio_buffer.append","event_id":"ev_1","audio":"{LOUD}"}}',
+    '{"type":"input_audio_buffer.append","event_id":"ev_bad","audio":"abc"}',  # bad base64: the error event
+    '{"type":"input_audio_buffer.append","audio":"abc"}',
+    '{"type":"input_audio_buffer.append","audio":""}',
+    f'{{"type": "input_audio_buffer.append", "audio": "{LOUD}"}}',  # not canonical: the full parser
+    f'{{"audio":"{LOUD}","type":"input_audio_buffer.append"}}',
+    f'{{"type":"input_audio_buffer.append","event_id":"a\\"b","audio":"{LOUD}"}}',
+    f'{{"type":"input_audio_buffer.append","audio":"{LOUD[:8]}\\u{ord(LOUD[8]):04x}{LOUD[9:]}"}}',  # escaped
+    f'{{"type":"input_audio_buffer.append","event_id":"e","audio":"{LOUD}","x":1}}',
+    '{"type":"input_audio_buffer.append","audio":"AAAA"',  # truncated: invalid JSON
+    *[f'{{"type":"input_audio_buffer.append","audio":"{QUIET}"}}'] * 30,  # speech stops: a committed turn
+]
+
+
+def _normalised(events: list[str | EngineClosed]) -> list[Any]:
+    """Events without their server ids (a counter, and random object ids), for comparison."""
+    out = []
+    for item in events:
+        event = json.loads(item) if isinstance(item, str) else item
+        if isinstance(event, dict):
+            for key in ("event_id", "item_id", "previous_item_id", "item", "session"):
+                event.pop(key, None)
+        out.append(event)
+    return out
+
+
+async def _replay(texts: list[str | bytes]) -> tuple[list[Any], tuple[int, int]]:
+    session = EngineSession(cfg(script=["How warm should chicks be?"]))
+    sent: list[str | EngineClosed] = []
+    session.deliver = sent.append
+    session.start()
+    session.receive(
+        '{"type": "session.update", "session": {"type": "realtime", "audio": {"input": '
+        '{"turn_detection": {"type": "server_vad", "create_response": false}}}}}'
+    )
+    for text in texts:
+        session.receive(text)
+    session.shutdown()
+    return _normalised(sent), (session._clock_bytes, session._buffer_bytes)
+
+
+async def test_append_fast_path_matches_the_full_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """str events may take the fast path; the same events as bytes always take json.loads: same results."""
+    fast = await _replay(APPENDS)
+    slow = await _replay([text.encode() for text in APPENDS])
+    assert fast == slow
+    kinds = [e["type"] for e in fast[0] if isinstance(e, dict)]
+    assert "input_audio_buffer.speech_started" in kinds and "input_audio_buffer.committed" in kinds
+    errors = [e["error"] for e in fast[0] if isinstance(e, dict) and e["type"] == "error"]
+    assert [(e["code"], e["event_id"]) for e in errors] == [
+        ("invalid_value", "ev_bad"),
+        ("invalid_value", None),
+        ("invalid_json", None),
+    ]
+
+
+def test_append_fast_path_takes_only_canonical_shapes() -> None:
+    matched = [engine_session._APPEND.fullmatch(text) is not None for text in APPENDS[8:17]]
+    assert matched == [True, True, True, True, False, False, False, False, False]

@@ -165,13 +165,13 @@ async def test_early_transcription_over_real_sockets(live_db, scripted, settings
     from voice.realtime.engine import server as engine_server
 
     paths: list[str] = []
-    handle = engine_server._handle
+    accept = engine_server._accept
 
-    async def counting(config, ws) -> None:
-        paths.append(ws.request.path)
-        await handle(config, ws)
+    def counting(engine, request):
+        paths.append(request.path.decode())
+        return accept(engine, request)
 
-    monkeypatch.setattr(engine_server, "_handle", counting)
+    monkeypatch.setattr(engine_server, "_accept", counting)
     settings.EARLY_TRANSCRIPTION = "auto" if mode == "inline" else mode  # auto picks inline for this model
     settings.EARLY_TRANSCRIPTION_SLICE_MS = 500
     settings.VOICE_TRANSCRIPTION_MODEL = transcription_model

@@ -10,9 +10,11 @@ when installed, else a speech-like tone (the default in tests).
 
 Entry points:
 - `LocalUpstream(config)`: the gateway `Upstream` (kind "local"), same event loop, no network.
-- `EngineSession(config)`: the protocol state machine (`receive(text)` in, `out` queue of JSON out).
+- `EngineSession(config)`: the protocol state machine (`receive(text)` in, `out` queue of JSON out, or
+  its `deliver` callback).
 - `server.start_engine_server(host, port=0, config)` / `server.serve(...)` / `EngineServerThread`:
-  the same over a real WebSocket (`manage.py realtime_engine`).
+  the same over a real WebSocket (`manage.py realtime_engine`; picows, one `transport.EngineConnection`
+  per connection).
 
 Fault injection (for tests):
 - `EngineConfig(fail_with=CODE)`: the next `response.create` fails (one shot). CODE is

@@ -8,88 +8,92 @@ port with `await start_engine_server()` (same loop) or `EngineServerThread` (own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
 from functools import partial
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection
-from websockets.asyncio.server import serve as ws_serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
 from .config import EngineConfig
-from .protocol import error_event
-from .session import EngineClosed, EngineSession
+from .transport import CLOSE_TIMEOUT_S, MAX_MESSAGE_BYTES, EngineConnection
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # GA allows 15 MiB per append event
 _UNAUTHORIZED = json.dumps({"error": {"type": "invalid_request_error", "code": "invalid_api_key",
                                       "message": "Incorrect API key provided.", "param": None}})  # fmt: skip
 
 
-def _authorize(config: EngineConfig, connection: ServerConnection, request: Request) -> Response | None:
-    """Handshake check: any non-empty bearer token passes (401 otherwise, or when fail_with says so)."""
+def _authorized(config: EngineConfig, request: WSUpgradeRequest) -> bool:
+    """Handshake check: any non-empty bearer token passes (unless fail_with says the key is invalid)."""
     auth = request.headers.get("Authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    if not token or config.fail_with == "invalid_api_key":
-        return connection.respond(HTTPStatus.UNAUTHORIZED, _UNAUTHORIZED + "\n")
-    return None
+    return bool(token) and config.fail_with != "invalid_api_key"
 
 
-async def _pump(ws: ServerConnection, session: EngineSession) -> None:
-    """Forward the session's events to the socket in order; perform its close when it ends."""
-    while True:
-        item = await session.out.get()
-        if isinstance(item, EngineClosed):
-            if item.code == 1006:  # abnormal closure cannot be sent: drop the TCP connection instead
-                ws.transport.abort()
-            else:
-                await ws.close(item.code, item.reason[:120])
-            return
-        await ws.send(item)
+class EngineServer:
+    """The listening socket and its live connections: close() also says 1001 to every client (as the
+    `websockets` server did), and wait_closed() waits for them (at most CLOSE_TIMEOUT_S)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.connections: set[EngineConnection] = set()
+        self.server: asyncio.Server | None = None
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening sockets (for the bound port)."""
+        return tuple(self.server.sockets) if self.server else ()
+
+    def close(self) -> None:
+        """Called to stop: no new connections; the live ones are closed with 1001 (going away)."""
+        if self.server is not None:
+            self.server.close()
+        for connection in list(self.connections):
+            connection.close(1001, "server shutting down")
+
+    async def wait_closed(self) -> None:
+        """Called after close(): returns once the socket and every connection are closed."""
+        if self.server is not None:
+            await self.server.wait_closed()
+        pending = [asyncio.ensure_future(c.transport.wait_disconnected()) for c in self.connections if c.transport]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
+            for future in late:
+                future.cancel()
+
+    async def serve_forever(self) -> None:
+        """Called by serve(): runs until cancelled."""
+        assert self.server is not None
+        await self.server.serve_forever()
 
 
-async def _handle(config: EngineConfig, ws: ServerConnection) -> None:
-    """One connection = one session; the beta header is refused like GA does (error + close 4000)."""
-    request = ws.request
-    if request is not None and request.headers.get("OpenAI-Beta", "").lower().startswith("realtime"):
-        message = "The beta Realtime API shape is no longer supported; remove the OpenAI-Beta header."
-        await ws.send(json.dumps(error_event("beta_api_shape_disabled", message)))
-        await ws.close(4000, "beta_api_shape_disabled")
-        return
-    query = parse_qs(urlsplit(request.path if request else "").query)
-    session = EngineSession(config, model=(query.get("model") or [None])[0])
-    session.start()
-    writer = asyncio.create_task(_pump(ws, session))
-    try:
-        async for message in ws:
-            session.receive(message)
-    except ConnectionClosed:
-        pass
-    finally:
-        session.shutdown()
-        # Let the writer flush a close the session asked for; otherwise stop it.
-        if not writer.done():
-            writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-            await writer
+def _accept(engine: EngineServer, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+    """Called by picows for every upgrade request: 401 like OpenAI, else one EngineConnection (whose session
+    takes the `?model=`; the beta header is refused after the upgrade, like GA: error + close 4000)."""
+    if not _authorized(engine.config, request):
+        body = (_UNAUTHORIZED + "\n").encode()
+        refusal = WSUpgradeResponse.create_error_response(HTTPStatus.UNAUTHORIZED, body,
+                                                          {"Content-Type": "application/json"})  # fmt: skip
+        return WSUpgradeResponseWithListener(refusal, None)
+    query = parse_qs(urlsplit(request.path.decode("latin-1")).query)
+    beta = request.headers.get("OpenAI-Beta", "").lower().startswith("realtime")
+    listener = EngineConnection(engine.config, (query.get("model") or [None])[0], engine.connections, beta=beta)
+    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(), listener)
 
 
 async def start_engine_server(
     host: str = "127.0.0.1", port: int = 0, config: EngineConfig | None = None
-) -> tuple[Server, int]:
+) -> tuple[EngineServer, int]:
     """Start listening on the current loop; returns (server, bound port). Close with server.close()."""
-    config = config or EngineConfig()
-    server = await ws_serve(
-        partial(_handle, config), host, port, process_request=partial(_authorize, config),
-        max_size=MAX_MESSAGE_BYTES, compression=None,
+    engine = EngineServer(config or EngineConfig())
+    engine.server = await ws_create_server(
+        partial(_accept, engine), host, port, max_frame_size=MAX_MESSAGE_BYTES, websocket_handshake_timeout=10,
+        logger_name="realtime_engine",
     )  # fmt: skip
-    bound = next(iter(server.sockets)).getsockname()[1]
-    return server, bound
+    return engine, engine.sockets[0].getsockname()[1]
 
 
 async def serve(host: str, port: int, config: EngineConfig | None = None) -> None:
@@ -110,7 +114,7 @@ class EngineServerThread:
         self.config, self.host, self.port = config, host, port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
-        self._server: Server | None = None
+        self._server: EngineServer | None = None
         self._thread = threading.Thread(target=self._run, name="realtime-engine", daemon=True)
 
     @property
@@ -126,9 +130,7 @@ class EngineServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._server, self.port = self._loop.run_until_complete(
-            start_engine_server(self.host, self.port, self.config)
-        )
+        self._server, self.port = self._loop.run_until_complete(start_engine_server(self.host, self.port, self.config))
         self._ready.set()
         try:
             self._loop.run_forever()

@@ -1,7 +1,8 @@
 """EngineSession: the OpenAI Realtime GA server protocol state machine, one per connection.
 
 Client events go in through `receive(text)` (synchronous: parsing and dispatch never await); server
-events come out of `out` (an asyncio.Queue of JSON text, then one `EngineClosed` when the session ends).
+events come out through `deliver` (by default `out.put_nowait`: an asyncio.Queue of JSON text, then one
+`EngineClosed` when the session ends; a socket transport may point it at its own send instead).
 Responses and delayed transcriptions run as tasks on the caller's event loop; speech recognition
 (when installed, see recognition.py) runs in a worker process and reports back through callbacks.
 """
@@ -12,7 +13,9 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,12 @@ from .stt.service import OK
 from .vad import BYTES_PER_MS, EnergyVad
 
 MIN_COMMIT_BYTES = 100 * BYTES_PER_MS
+# The canonical audio append (as the gateway forwards it, and most SDKs write it): matched whole, so that
+# it skips json.loads. Only shapes json.loads would parse to the same dict match: no escapes or control
+# characters in the event id, only base64 alphabet bytes in the audio; anything else takes the full parser.
+_APPEND = re.compile(
+    r'\{"type":"input_audio_buffer\.append",(?:"event_id":"([^"\\\x00-\x1f]*)",)?"audio":"([A-Za-z0-9+/=]*)"\}'
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,8 @@ class EngineSession:
         self.session = default_session(model or self.config.model)
         self.conversation = Conversation()
         self.out: asyncio.Queue[str | EngineClosed] = asyncio.Queue()
+        # Where events go, in order, ending with one EngineClosed; must not re-enter the session.
+        self.deliver: Callable[[str | EngineClosed], None] = self.out.put_nowait
         self.active: responses.ResponseState | None = None
         self.closed = False
         self.closed_with: EngineClosed | None = None  # set when the server side ended the session
@@ -108,7 +119,7 @@ class EngineSession:
             return
         self.shutdown()
         self.closed_with = EngineClosed(code, reason)
-        self.out.put_nowait(self.closed_with)
+        self.deliver(self.closed_with)
 
     def shutdown(self) -> None:
         """Called when the peer is gone (or by close): cancels timers and tasks, emits nothing more."""
@@ -132,12 +143,12 @@ class EngineSession:
         if not self.closed and not self.stalled:
             if protocol_tap.engine_emitted is not None:
                 protocol_tap.engine_emitted(event)
-            self.out.put_nowait(json.dumps(event))
+            self.deliver(json.dumps(event))
 
     def emit_raw(self, text: str) -> None:
         """Queue raw text as an event (the malformed-event hook)."""
         if not self.closed and not self.stalled:
-            self.out.put_nowait(text)
+            self.deliver(text)
 
     def error(self, code: str, message: str, client: dict | None = None, param: str | None = None) -> None:
         """Emit a recoverable `error` event echoing the client event id."""
@@ -149,6 +160,11 @@ class EngineSession:
         """Called for every client event (JSON text); dispatches synchronously."""
         if self.closed:
             return
+        if type(text) is str:
+            append = _APPEND.fullmatch(text)
+            if append is not None:  # the hot path: ~25 per second per session
+                self._audio_in(append[2], append[1])
+                return
         try:
             event = json.loads(text)
             kind = event["type"]
@@ -176,10 +192,14 @@ class EngineSession:
         self._vad = EnergyVad(*vad_params(td)) if td else None
 
     def _append(self, ev: dict) -> None:
+        self._audio_in(ev.get("audio"), ev.get("event_id"))
+
+    def _audio_in(self, audio: Any, client_event_id: Any) -> None:
+        """An `input_audio_buffer.append`'s audio (base64) and event id, from either parser."""
         try:
-            pcm = base64.b64decode(ev.get("audio") or "")
+            pcm = base64.b64decode(audio or "")
         except (binascii.Error, ValueError, TypeError):
-            self.error("invalid_value", "Invalid base64 audio.", ev, "audio")
+            self.error("invalid_value", "Invalid base64 audio.", {"event_id": client_event_id}, "audio")
             return
         self._clock_bytes += len(pcm)
         self._buffer_bytes += len(pcm)
