@@ -333,3 +333,38 @@ async def test_cross_site_origin_refused(gateway, token_for) -> None:
     await client.wait_for("gateway.session.ready")
     await client.close()
 
+
+
+@pytest.mark.parametrize("redis", [True, False], ids=["redis", "memory"])
+async def test_one_round_trip_admission_agrees_with_the_limits_library(settings, redis) -> None:
+    """SharedState.admit checks the `limits` library's moving window inside its own script (one round trip
+    with the slot): its verdict must stay the library's, hit for hit, and after the library clears it."""
+    import uuid
+
+    from limits import RateLimitItemPerHour
+
+    from voice.services.state import ADMITTED, NO_SLOT, RATE_LIMITED, SharedState
+
+    state = SharedState(settings.REDIS_URL, redis)
+    item, key = RateLimitItemPerHour(3), f"sessions:admit-{uuid.uuid4().hex}"
+    slots, live = f"user_sessions:admit-{uuid.uuid4().hex}", f"live-{uuid.uuid4().hex}"
+
+    async def admit(member: str, rate=(item, key), limit: int = 100) -> str:
+        return await state.admit(rate=rate, slot_key=slots, member=member, limit=limit, ttl=30, also=(live,))
+
+    try:
+        for n in range(3):
+            assert (await state.rate_check(item, key))[0]
+            assert await admit(f"m{n}") == ADMITTED
+            await state.rate_hit(item, key)
+        assert not (await state.rate_check(item, key))[0]
+        assert await admit("m3") == RATE_LIMITED
+        assert "m3" not in await state.slot_members(slots)  # refused by the window: no slot taken
+        assert await admit("m3", rate=None) == ADMITTED  # a resume is not counted
+        assert sorted(await state.slot_members(live)) == ["m0", "m1", "m2", "m3"]
+        await state.rate_clear(item, key)
+        assert await admit("m4") == ADMITTED
+        assert await admit("m5", limit=5) == NO_SLOT  # five slots held: m0..m4
+        assert await admit("m4", limit=5) == ADMITTED  # a member already in keeps its slot
+    finally:
+        await state.aclose()

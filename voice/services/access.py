@@ -33,7 +33,7 @@ from voice.realtime.registry import loop_local
 from voice.services.auth import Identity
 from voice.services.db import run_db
 from voice.services.rollout import rollout_cohort, rollout_snapshot
-from voice.services.state import get_state
+from voice.services.state import NO_SLOT, RATE_LIMITED, get_state
 from voice.services.stats import ACTIVE_SESSIONS_KEY
 from voice.services.users import LocalUser, PlanPolicy, plan_policies, users_for_identities
 
@@ -159,21 +159,19 @@ async def access_decide(
     if budget_refusal is not None:
         return await _refused(budget_refusal, identity, plan_code)
 
-    # The rate-limit check and the slot are independent Redis round trips: run them together. The
-    # decision order is unchanged; a slot taken by a rate-limited connection is handed back.
+    # The hourly window and the slot in one round trip (a resume is not a new session: no window check).
     state = get_state()
     slot_key = concurrency_key(identity.user_id)
     await _released(identity.user_id)
-    rate = state.rate_check(rate_item(plan), rate_key(identity.user_id)) if not resuming else _allowed()
-    (allowed, retry_after), acquired = await asyncio.gather(rate, _slot_acquire(slot_key, session_id))
-    if not allowed:
-        if acquired:
-            await state.slots_release(session_slots(identity.user_id, session_id))
+    rate = None if resuming else (rate_item(plan), rate_key(identity.user_id))
+    outcome = await state.admit(rate=rate, slot_key=slot_key, member=session_id,
+                                limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER, ttl=CONCURRENT_SLOT_TTL,
+                                also=(ACTIVE_SESSIONS_KEY,))
+    if outcome == RATE_LIMITED and rate is not None:
+        _, retry_after = await state.rate_check(*rate)  # when the window frees a place (refusals only)
         message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
-        return await _refused(Refusal("rate_limited", 4429, message, retry_after), identity, plan_code)
-    if not acquired:
-        acquired = await _slot_acquire_after_redial(slot_key, session_id)
-    if not acquired:
+        return await _refused(Refusal("rate_limited", 4429, message, max(1, retry_after)), identity, plan_code)
+    if outcome == NO_SLOT and not await _slot_acquire_after_redial(slot_key, session_id):
         message = "You already have a voice session open; close it first"
         return await _refused(Refusal("concurrent_session", 4409, message), identity, plan_code)
     return Admission(user=user, plan=plan, cohort=cohort)
@@ -230,10 +228,6 @@ async def _released(external_user_id: str) -> None:
     pending = _releasing.get((asyncio.get_running_loop(), external_user_id))
     if pending is not None:
         await asyncio.wait({pending}, timeout=RELEASE_WAIT_SECONDS)
-
-
-async def _allowed() -> tuple[bool, int]:
-    return True, 0
 
 
 async def access_count_session_start(*, identity: Identity, plan: PlanPolicy) -> None:

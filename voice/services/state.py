@@ -48,6 +48,32 @@ return 0
 """
 
 
+# An admission in one round trip: refuse (0) when the user's hourly window is full, else take the slot as
+# _SLOT_ACQUIRE does (1), or refuse (2) when no slot is left. The window is the `limits` library's moving
+# window (a list of hit timestamps, newest first, trimmed to the limit; SharedState.rate_hit writes it
+# through the library): full when its limit-th entry is still inside the window, which is the library's own
+# test (tests/test_access_e2e.py pins this against it). ARGV[6] empty: no window check (a resume).
+_ADMIT = """
+if ARGV[6] ~= '' then
+  local entry = redis.call('LINDEX', KEYS[1], tonumber(ARGV[6]) - 1)
+  if entry and tonumber(entry) >= tonumber(ARGV[7]) then
+    return 0
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[2], ARGV[3]) or redis.call('ZCARD', KEYS[2]) < tonumber(ARGV[4]) then
+  for i = 2, #KEYS do
+    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
+    redis.call('EXPIRE', KEYS[i], ARGV[5])
+  end
+  return 1
+end
+return 2
+"""
+ADMITTED, RATE_LIMITED, NO_SLOT = "admitted", "rate_limited", "no_slot"
+_ADMIT_OUTCOMES = {0: RATE_LIMITED, 1: ADMITTED, 2: NO_SLOT}
+
+
 class _MemoryBackend:
     """Process-local stand-in for the few Redis structures we use (strings with TTL, scored sets)."""
 
@@ -120,6 +146,7 @@ class SharedState:
             )
             self.redis_limiter = MovingWindowRateLimiter(storage)
             self._slot_script = self.client.register_script(_SLOT_ACQUIRE)
+            self._admit_script = self.client.register_script(_ADMIT)
 
     # --- availability ------------------------------------------------------------------------------
     def add_resync_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -326,6 +353,40 @@ class SharedState:
                 lambda m: list(m.zset(key)),
             )
         )
+
+    async def admit(
+        self, *, rate: tuple[RateLimitItem, str] | None, slot_key: str, member: str, limit: int, ttl: float,
+        also: tuple[str, ...] = (),
+    ) -> str:
+        """Called by the access decision: the hourly window (unless `rate` is None) and the slot as
+        `rate_check` then `slot_acquire` would decide them, in one round trip. ADMITTED (the slot and the
+        `also` slots taken), RATE_LIMITED (nothing taken) or NO_SLOT."""
+        if self.using_fallback or self.client is None or self.redis_limiter is None:
+            return await self._admit_in_steps(rate, slot_key, member, limit, ttl, also)
+        now = time.time()
+        keys = [KEY_PREFIX + k for k in (slot_key, *also)]
+        window_args: list[Any] = ["", ""]
+        window_key = keys[0]  # unused without a window
+        if rate is not None:
+            item, key = rate
+            window_key = self.redis_limiter.storage.bridge.prefixed_key(item.key_for(key))
+            window_args = [item.amount, now - item.get_expiry()]
+        try:
+            outcome = await self._admit_script(keys=[window_key, *keys],
+                                               args=[now, now + ttl, member, limit, int(ttl) + 1, *window_args])
+        except (RedisError, OSError) as exc:
+            self._mark_down(exc)
+            return await self._admit_in_steps(rate, slot_key, member, limit, ttl, also)
+        return _ADMIT_OUTCOMES[int(outcome)]
+
+    async def _admit_in_steps(
+        self, rate: tuple[RateLimitItem, str] | None, slot_key: str, member: str, limit: int, ttl: float,
+        also: tuple[str, ...],
+    ) -> str:
+        if rate is not None and not (await self.rate_check(*rate))[0]:
+            return RATE_LIMITED
+        taken = await self.slot_acquire(slot_key, member, limit=limit, ttl=ttl, also=also)
+        return ADMITTED if taken else NO_SLOT
 
     # --- rate limits (the `limits` library's moving window) -----------------------------------------
     async def rate_check(self, item: RateLimitItem, key: str) -> tuple[bool, int]:
