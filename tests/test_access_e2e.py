@@ -337,8 +337,9 @@ async def test_cross_site_origin_refused(gateway, token_for) -> None:
 
 @pytest.mark.parametrize("redis", [True, False], ids=["redis", "memory"])
 async def test_one_round_trip_admission_agrees_with_the_limits_library(settings, redis) -> None:
-    """SharedState.admit checks the `limits` library's moving window inside its own script (one round trip
-    with the slot): its verdict must stay the library's, hit for hit, and after the library clears it."""
+    """SharedState.admit reads the `limits` library's moving window inside its own script (one round trip with
+    the slot), and set_json_and_hit writes it in the resume state's round trip: the verdicts must stay the
+    library's, hit for hit, and after the library clears the window."""
     import uuid
 
     from limits import RateLimitItemPerHour
@@ -356,7 +357,11 @@ async def test_one_round_trip_admission_agrees_with_the_limits_library(settings,
         for n in range(3):
             assert (await state.rate_check(item, key))[0]
             assert await admit(f"m{n}") == ADMITTED
-            await state.rate_hit(item, key)
+            if n == 1:  # the session's start as the gateway writes it: resume state and window together
+                await state.set_json_and_hit(f"session:admit-{n}", {"n": n}, 60, item, key)
+                assert await state.get_json(f"session:admit-{n}") == {"n": n}
+            else:
+                await state.rate_hit(item, key)
         assert not (await state.rate_check(item, key))[0]
         assert await admit("m3") == RATE_LIMITED
         assert "m3" not in await state.slot_members(slots)  # refused by the window: no slot taken

@@ -44,8 +44,8 @@ from voice.services.access import (
     UNAUTHORIZED,
     Admission,
     Refusal,
-    access_count_session_start,
     access_decide,
+    session_window,
     slot_release_begin,
 )
 from voice.services.auth import AuthError, Identity, identity_from_jwt, ticket_redeem
@@ -223,9 +223,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             upstream=self.session.upstream_kind, instance=self.instance, model=self.session.model,
             resumed=self.resumed,
         ))
-        counted = () if self.resumed else (access_count_session_start(identity=self.identity,
-                                                                        plan=self.admission.plan),)
-        await asyncio.gather(session_services.session_meta_save(meta), *counted)  # resume state before ready
+        # The resume state is stored before ready; a new session counts in its user's hourly window.
+        window = None if self.resumed else session_window(identity=self.identity, plan=self.admission.plan)
+        await session_services.session_meta_save(meta, window=window)
         remaining = max(0, int(self.deadline - time.monotonic()))
         await self._send_event({
             "type": "gateway.session.ready",

@@ -10,7 +10,8 @@ Authentication comes first (the consumer refuses with 4401 before calling this).
    — skipped when resuming a session: a resume is the same session, not a new one
 6. another live session of the same user → concurrent_session (4409)
 
-Only a session that actually starts is counted in the hourly window (`access_count_session_start`).
+Only a session that actually starts is counted in the hourly window (`session_window`: written with the
+resume state once the session is ready).
 
 A session that ends gives its slots back first, before anything slow (`slot_release_begin`): a user who
 hangs up and redials at once must not find their own ended session still holding the concurrency slot. A
@@ -230,9 +231,9 @@ async def _released(external_user_id: str) -> None:
         await asyncio.wait({pending}, timeout=RELEASE_WAIT_SECONDS)
 
 
-async def access_count_session_start(*, identity: Identity, plan: PlanPolicy) -> None:
-    """Called when a new (not resumed) session is ready: it now counts in the hourly window."""
-    await get_state().rate_hit(rate_item(plan), rate_key(identity.user_id))
+def session_window(*, identity: Identity, plan: PlanPolicy) -> tuple[RateLimitItemPerHour, str]:
+    """The hourly window a new (not resumed) session counts in once it is ready."""
+    return rate_item(plan), rate_key(identity.user_id)
 
 
 async def _refused(refusal: Refusal, identity: Identity, plan_code: str) -> Refusal:

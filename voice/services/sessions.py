@@ -29,6 +29,7 @@ from django.conf import settings
 from django.core import signing
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, DataError, IntegrityError, connections, transaction
 from django.db.models import F
+from limits import RateLimitItem
 
 from voice.models import VoiceSession, VoiceTurn
 from voice.realtime.accounting import SessionStats
@@ -79,9 +80,14 @@ def resume_token_read(token: str) -> tuple[str, str] | None:
     return str(data.get("s")), str(data.get("u"))
 
 
-async def session_meta_save(meta: SessionMeta) -> None:
-    """Called at start, after each turn and at the end of a connection."""
-    await get_state().set_json(f"session:{meta.session_id}", meta.__dict__, settings.SESSION_TTL)
+async def session_meta_save(meta: SessionMeta, *, window: tuple[RateLimitItem, str] | None = None) -> None:
+    """Called at start, after each turn and at the end of a connection; at a new session's start, `window`
+    (its user's hourly window) counts it in the same round trip."""
+    if window is None:
+        await get_state().set_json(f"session:{meta.session_id}", meta.__dict__, settings.SESSION_TTL)
+    else:
+        await get_state().set_json_and_hit(f"session:{meta.session_id}", meta.__dict__, settings.SESSION_TTL,
+                                           *window)
 
 
 async def session_meta_load(session_id: str) -> SessionMeta | None:

@@ -262,6 +262,26 @@ class SharedState:
         key, raw = KEY_PREFIX + key, json.dumps(value, separators=(",", ":"))
         await self._run(lambda r: r.set(key, raw, ex=max(1, int(ttl))), lambda m: m.set(key, raw, ttl))
 
+    async def set_json_and_hit(self, key: str, value: Any, ttl: float, item: RateLimitItem, rate_key: str) -> None:
+        """Called when a session is ready: its resume document stored and the session counted in its user's
+        window (as `rate_hit` does) in one round trip. The window's entries are written as the `limits`
+        library's moving window keeps them (newest first, trimmed to the limit), so the library reads them."""
+        key, raw = KEY_PREFIX + key, json.dumps(value, separators=(",", ":"))
+        if not self.using_fallback and self.client is not None and self.redis_limiter is not None:
+            window = self.redis_limiter.storage.bridge.prefixed_key(item.key_for(rate_key))
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.set(key, raw, ex=max(1, int(ttl)))
+                    pipe.lpush(window, time.time())
+                    pipe.ltrim(window, 0, item.amount - 1)
+                    pipe.expire(window, item.get_expiry())
+                    await pipe.execute()
+                return
+            except (RedisError, OSError) as exc:
+                self._mark_down(exc)
+        self.memory.set(key, raw, ttl)
+        await self.memory_limiter.hit(item, rate_key)
+
     async def pop_json(self, key: str) -> Any:
         """Called to read and delete a document atomically (single-use tickets)."""
         key = KEY_PREFIX + key
