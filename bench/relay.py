@@ -115,11 +115,22 @@ def _is_text(transport: Any, frame: Any) -> bool:
     return frame.msg_type is WSMsgType.TEXT
 
 
-def _echo_listener(bursts: bool) -> Any:
+def _echo_listener(bursts: bool, setup_ms: float = 0.0) -> Any:
+    """The echo upstream's listener class. `setup_ms`: session.created and session.updated each sent that
+    late, as OpenAI's are a network round trip (and a TLS and HTTP set-up) away; the audio echo is not."""
     from picows import WSListener, WSMsgType
+
+    delay = setup_ms / 1000
 
     class EchoUpstream(WSListener):
         """One upstream session: echoes each append as an audio delta; optional OpenAI-like bursts."""
+
+        def send_session_event(self, kind: str) -> None:
+            text = json.dumps({"type": kind, "event_id": _event_id(), "session": self.session})
+            if delay:
+                asyncio.get_running_loop().call_later(delay, self.send, text)
+            else:
+                self.send(text)
 
         def on_ws_connected(self, transport: Any) -> None:
             self.transport = transport
@@ -128,7 +139,7 @@ def _echo_listener(bursts: bool) -> Any:
             self.prefix = ('{"type":"response.output_audio.delta","event_id":"evt_echo","response_id":"resp_echo",'
                            f'"item_id":"item_{uuid.uuid4().hex[:12]}","output_index":0,"content_index":0,'
                            '"bench":"').encode()
-            self.send(json.dumps({"type": "session.created", "event_id": _event_id(), "session": self.session}))
+            self.send_session_event("session.created")
             self.burst_task = asyncio.get_running_loop().create_task(_bursts(self.send)) if bursts else None
 
         def send(self, text: str) -> None:
@@ -153,7 +164,7 @@ def _echo_listener(bursts: bool) -> Any:
             kind = event.get("type")
             if kind == "session.update":
                 self.session.update(event.get("session") or {})
-                self.send(json.dumps({"type": "session.updated", "event_id": _event_id(), "session": self.session}))
+                self.send_session_event("session.updated")
             elif kind == "input_audio_buffer.append":  # re-serialised by someone: slow path
                 eid, audio = str(event.get("event_id", "")), str(event.get("audio", ""))
                 self.send(self.prefix.decode() + eid + '","delta":"' + audio + '"}')
@@ -184,10 +195,10 @@ async def _bursts(send: Any, every_s: float = 5.0, chunks: int = 10, chunk_ms: i
         await asyncio.sleep(random.uniform(0.8, 1.2) * every_s)
 
 
-async def serve_upstream(port: int, bursts: bool) -> None:
+async def serve_upstream(port: int, bursts: bool, setup_ms: float = 0.0) -> None:
     from picows import ws_create_server
 
-    listener = _echo_listener(bursts)
+    listener = _echo_listener(bursts, setup_ms)
     server = await ws_create_server(lambda request: listener(), "127.0.0.1", port, max_frame_size=2**24,
                                     backlog=2048)
     async with server:
@@ -591,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("upstream", help="run the echo upstream")
     up.add_argument("--port", type=int, default=8790)
     up.add_argument("--bursts", action="store_true")
+    up.add_argument("--setup-ms", type=float, default=0.0, help="session.created/updated each sent this late")
     up.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     bare = sub.add_parser("bare", help="run the bare websockets relay")
     bare.add_argument("--port", type=int, default=8791)
@@ -612,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "upstream":
         _use_loop(args.loop)
-        asyncio.run(serve_upstream(args.port, args.bursts))
+        asyncio.run(serve_upstream(args.port, args.bursts, args.setup_ms))
         return 0
     if args.cmd == "bare":
         _use_loop(args.loop)

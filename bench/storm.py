@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default="/tmp/bench-storm.sqlite3")
     parser.add_argument("--redis", choices=("own", "system"), default="own",
                         help="own: a redis-server of the bench's, pinned to the client core; system: 127.0.0.1:6379")
+    parser.add_argument("--upstream-setup-ms", type=float, default=0.0,
+                        help="the upstream sends session.created and session.updated each this late (OpenAI is a "
+                             "network round trip away; 0: a local upstream)")
     parser.add_argument("--stand-in-nice", type=int, default=-10,
                         help="nice of the bench's Redis and upstream (stand-ins for other machines) on the client "
                              "core; 0: the load generators' priority (before 2026-12-04)")
@@ -372,7 +375,8 @@ def _run(args: argparse.Namespace) -> int:
     upstream_port = free_port()
     upstream_url = f"ws://127.0.0.1:{upstream_port}/v1/realtime"
     upstream = Server("echo-upstream", [PYTHON, str(ROOT / "bench" / "relay.py"), "upstream", "--port",
-                                        str(upstream_port)], upstream_port, cpu=args.client_cpu).wait_ready()
+                                        str(upstream_port), "--setup-ms", str(args.upstream_setup_ms)],
+                      upstream_port, cpu=args.client_cpu).wait_ready()
     if args.stand_in_nice:
         stand_in_priority(upstream.pid, args.stand_in_nice)
     payload: dict[str, Any] = {"bench": "storm", "args": vars(args), "machine": info}

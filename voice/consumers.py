@@ -78,7 +78,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._superseded = False
         self._persisted = asyncio.Event()  # set once the session state (history) is saved at the end
         self._slots_released: asyncio.Task[None] | None = None
-        self._gate: asyncio.Semaphore | None = None  # held from the handshake to ready (voice.realtime.admission)
+        self._gate: asyncio.Semaphore | None = None  # held until admitted (voice.realtime.admission)
         self._meta_saving = self._meta_dirty = False
         # Read once: Django's settings object costs a Python-level lookup per access, on every frame.
         self._max_frame_bytes: int = settings.VOICE_MAX_FRAME_BYTES
@@ -105,8 +105,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
 
     # --- connect -------------------------------------------------------------------------------------
     async def websocket_connect(self, message: dict[str, Any]) -> None:
-        """Called on the handshake: accept, authenticate, admit, open the upstream (through the admission
-        gate, released once the session is ready or the connection ends)."""
+        """Called on the handshake: accept, authenticate, admit (through the admission gate, released as the
+        upstream connection starts, or when the connection is refused or ends), open the upstream."""
         clock = self._admission_clock = AdmissionClock((self._fastpath or {}).get("connected_at"))
         gate = admission_gate()
         await gate.acquire()
@@ -196,6 +196,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         registry.register(self)
         metrics.ACTIVE_SESSIONS.inc()
         self._counted_active = True
+        # The upstream's set-up is network round trips to OpenAI (TLS, the upgrade, session.created, then
+        # session.updated): a gate held through them admits a storm at (gate width / round trips) per second.
+        self._admission_done()
         try:
             await self.session.start()
         except UpstreamConnectError as exc:
@@ -359,7 +362,8 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
 
     # --- ending ----------------------------------------------------------------------------------------
     def _admission_done(self) -> None:
-        """Called once the session is ready, refused or over: the next connection in line is admitted."""
+        """Called once the session is admitted (its upstream starts connecting), refused or over: the next
+        connection in line is let through the gate (idempotent)."""
         gate, self._gate = self._gate, None
         if gate is not None:
             gate.release()

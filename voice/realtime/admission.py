@@ -1,12 +1,17 @@
 """The admission gate: at most VOICE_ADMISSION_CONCURRENCY connections of this event loop are being admitted
-(authentication, access decision, upstream handshake, rows, up to `gateway.session.ready`) at any moment.
+(authentication and the access decision: the database and Redis) at any moment.
 
 A reconnect storm (another instance drained, a load balancer failed over) brings hundreds of connections at
 once. Admitted together, each of them has a step ready in every turn of the event loop, and the live
 sessions' frames wait behind all of those steps (the loop runs every ready callback before it polls the
 sockets again); they also all finish late together. Through the gate, admissions queue in arrival order
-(FIFO), a bounded number progress at a time (enough to overlap their Redis, database and upstream round
-trips), the frames wait behind at most that many steps, and the first in line are ready first.
+(FIFO), a bounded number progress at a time (enough to overlap their Redis and database round trips), the
+frames wait behind at most that many steps, and the first in line are ready first.
+
+The gate is given back as the upstream connection starts: its set-up is OpenAI's network round trips (TLS,
+the upgrade, session.created, session.updated), a few milliseconds of CPU spread over a few hundred of wall
+time. Held through them, a 16-wide gate admitted a storm at 16 per set-up time (`bench/storm.py
+--upstream-setup-ms 100`: ready p95 3.9-4.0 s for 250, against 1.0-1.2 s given back there).
 """
 
 from __future__ import annotations

@@ -128,3 +128,6 @@ class EngineConnection(WSListener):
             self._close_timer.cancel()
         if self.session is not None:
             self.session.shutdown()
+        # The session's deliver is a bound method of this listener, and picows' transport refers to it too:
+        # without these cycles an ended connection is freed by reference counting (test_capacity.py).
+        self.session, self.transport, self._close_timer = None, None, None
