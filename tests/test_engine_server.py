@@ -314,6 +314,34 @@ async def test_append_fast_path_matches_the_full_parser(monkeypatch: pytest.Monk
     ]
 
 
+HEAD = '{"type":"input_audio_buffer.append","audio":"'
+EDGES = [
+    *[f'{HEAD}{LOUD}"}}'] * 8,  # speech starts
+    HEAD + "}",  # head and tail overlap: invalid JSON
+    HEAD + '"}',  # empty audio
+    f'{HEAD}{LOUD[:40]}"}}{LOUD[40:]}"}}',  # a quote inside: invalid JSON
+    f'{HEAD}{LOUD[:40]}  {LOUD[40:]}"}}',  # JSON-legal, not base64 alphabet: b64decode skips spaces
+    f'{HEAD}{LOUD[:40]}\\n{LOUD[40:]}"}}',  # a JSON escape (a newline): skipped by b64decode too
+    f'{HEAD}{LOUD[:40]}\x01{LOUD[40:]}"}}',  # a raw control character: invalid JSON
+    f'{HEAD}{LOUD[:40]}é{LOUD[40:]}"}}',  # non-ASCII: not base64
+    f'{HEAD}{LOUD[:-4]}"}}',  # 4 characters short: still whole base64 quanta, 3 bytes less
+    f'{HEAD}AAA"}}',  # incorrect padding: the error event
+    f'{HEAD}{LOUD}"}} ',  # trailing space: the full parser
+    *[f'{HEAD}{QUIET}"}}'] * 30,  # speech stops: a committed turn
+]
+
+
+async def test_append_head_check_matches_the_full_parser() -> None:
+    """The regex-free check of the gateway's form gives what json.loads gives, on edge cases too."""
+    fast = await _replay(EDGES)
+    slow = await _replay([text.encode() for text in EDGES])
+    assert fast == slow
+    kinds = [e["type"] for e in fast[0] if isinstance(e, dict)]
+    assert "input_audio_buffer.speech_started" in kinds and "input_audio_buffer.committed" in kinds
+    codes = [e["error"]["code"] for e in fast[0] if isinstance(e, dict) and e["type"] == "error"]
+    assert codes == ["invalid_json", "invalid_json", "invalid_json", "invalid_value", "invalid_value"]
+
+
 def test_append_fast_path_takes_only_canonical_shapes() -> None:
     matched = [engine_session._APPEND.fullmatch(text) is not None for text in APPENDS[8:17]]
     assert matched == [True, True, True, True, False, False, False, False, False]

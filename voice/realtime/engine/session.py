@@ -48,6 +48,11 @@ MIN_COMMIT_BYTES = 100 * BYTES_PER_MS
 _APPEND = re.compile(
     r'\{"type":"input_audio_buffer\.append",(?:"event_id":"([^"\\\x00-\x1f]*)",)?"audio":"([A-Za-z0-9+/=]*)"\}'
 )
+# The gateway's form (no event id) is checked without the regex: its head and tail by string compares, the
+# audio by deleting the base64 alphabet from its bytes (a C table scan, ~2x faster than the regex's).
+_APPEND_HEAD = '{"type":"input_audio_buffer.append","audio":"'
+_APPEND_MIN = len(_APPEND_HEAD) + 2  # head and the closing '"}' must not overlap
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 @dataclass(frozen=True)
@@ -175,13 +180,20 @@ class EngineSession:
         """Called for every client event (JSON text); dispatches synchronously."""
         if self.closed:
             return
-        if type(text) is str:
-            append = _APPEND.fullmatch(text)
-            if append is not None:  # the hot path: ~25 per second per session
-                try:  # the regex admits only base64-alphabet ASCII: b64decode's checks and conversion are moot
-                    pcm = binascii.a2b_base64(append[2])
+        if type(text) is str:  # the hot path: appends, ~25 per second per session
+            audio: str | bytes | None = None
+            if len(text) >= _APPEND_MIN and text.startswith(_APPEND_HEAD) and text.endswith('"}'):
+                audio = text[len(_APPEND_HEAD) : -2].encode()
+                if audio.translate(None, _B64_ALPHABET):  # something else than base64: the regex, or JSON
+                    audio = None
+            client_event_id = None
+            if audio is None and (append := _APPEND.fullmatch(text)) is not None:
+                audio, client_event_id = append[2], append[1]
+            if audio is not None:
+                try:  # only base64-alphabet ASCII here: b64decode's checks and conversion are moot
+                    pcm = binascii.a2b_base64(audio)
                 except binascii.Error:
-                    self.error("invalid_value", "Invalid base64 audio.", {"event_id": append[1]}, "audio")
+                    self.error("invalid_value", "Invalid base64 audio.", {"event_id": client_event_id}, "audio")
                     return
                 self._pcm_in(pcm)
                 return
