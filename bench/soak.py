@@ -174,8 +174,13 @@ def print_probe(p: dict[str, Any]) -> None:
 
 
 # ==== audio ====================================================================================================
-def load_audio() -> tuple[list[tuple[str, list[str]]], list[str]]:
-    """[(file, [base64 40 ms frames])] for the spoken files, and their transcripts (the engine's script)."""
+APPEND_HEAD, APPEND_TAIL = b'{"type":"input_audio_buffer.append","audio":"', b'"}'  # the gateway's canonical form
+SILENCE = APPEND_HEAD + base64.b64encode(bytes(FRAME_BYTES)) + APPEND_TAIL  # 40 ms of silence, ready to send
+
+
+def load_audio() -> tuple[list[tuple[str, tuple[bytes, ...]]], list[str]]:
+    """[(file, (append events of its 40 ms frames, ready to send))] for the spoken files, and their
+    transcripts (the engine's script). Built once: the sending loop only picks the next payload."""
     manifest = json.loads((SHARED_AUDIO / "manifest.json").read_text())
     turns, script = [], []
     for entry in manifest["files"]:
@@ -187,8 +192,8 @@ def load_audio() -> tuple[list[tuple[str, list[str]]], list[str]]:
         frames = []
         for offset in range(0, len(pcm), FRAME_BYTES):
             chunk = pcm[offset:offset + FRAME_BYTES]
-            frames.append(base64.b64encode(chunk + bytes(FRAME_BYTES - len(chunk))).decode())
-        turns.append((entry["file"], frames))
+            frames.append(APPEND_HEAD + base64.b64encode(chunk + bytes(FRAME_BYTES - len(chunk))) + APPEND_TAIL)
+        turns.append((entry["file"], tuple(frames)))
         script.append(entry["transcript"])
     return turns, script
 
@@ -286,11 +291,93 @@ def _soak_listener(rec: dict[str, Any], state: dict[str, Any], tot: Totals, send
     return SoakClient
 
 
-async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[str, list[str]]],
-                  end_at: float, first_turn: float, turn_every: float, tot: Totals, sem: asyncio.Semaphore) -> None:
-    from picows import WSCloseCode, WSMsgType, ws_connect
+class _Sender:
+    """One session's frame pacing, as a timer callback per frame: the same schedule as a coroutine that
+    sleeps until each frame is due, without a sleep future and a task step per frame (~5000 a second)."""
 
-    silence = base64.b64encode(bytes(FRAME_BYTES)).decode()
+    def __init__(self, transport: Any, state: dict[str, Any], rec: dict[str, Any], tot: Totals,
+                 send_times: array.array, audio: list[tuple[str, tuple[bytes, ...]]], k: int, end_at: float,
+                 first_turn: float, turn_every: float) -> None:
+        from picows import WSMsgType
+
+        self.text = WSMsgType.TEXT
+        self.transport, self.state, self.rec, self.tot, self.send_times = transport, state, rec, tot, send_times
+        self.audio, self.k, self.end_at, self.turn_every = audio, k, end_at, turn_every  # k: the next file
+        self.turn_done: asyncio.Event = state["turn_done"]
+        self.frames: tuple[bytes, ...] = ()  # the WAV being sent; frames[pos:] still to send
+        self.pos = 0
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.clock = time.monotonic()
+        self.next_turn = self.clock + first_turn
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """The next frame is due FRAME_S after the previous one's slot: a timer, or now when already late."""
+        while not self.done.done():
+            self.clock += FRAME_S
+            delay = self.clock - time.monotonic()
+            if delay > 0:
+                self.loop.call_later(delay, self._tick)
+                return
+            self._send()
+
+    def _tick(self) -> None:
+        """Called by the loop's timer when a frame is due."""
+        if self.done.done():  # the session was cancelled meanwhile
+            return
+        self._send()
+        self._schedule()
+
+    def _send(self) -> None:
+        """One frame (the WAV's next, else silence), its send time for the round trip, and the bookkeeping."""
+        state, tot = self.state, self.tot
+        try:
+            now = time.monotonic()
+            if self.transport.is_disconnected:
+                if state["closed_by_server"] in (None, 1000) and now < self.end_at:
+                    state["closed_by_server"] = "ended_early"
+                self.done.set_result(None)
+                return
+            pending = self.pos < len(self.frames)
+            if now >= self.end_at and not pending:
+                self.done.set_result(None)
+                return
+            lateness = (now - self.clock) * 1000
+            if lateness > LATE_MS:
+                tot.late += 1
+            tot.lateness.append(lateness)
+            if not pending and now >= self.next_turn and state["turn"] is None:
+                name, self.frames = self.audio[self.k % len(self.audio)]
+                self.k += 1
+                self.pos, pending = 0, True
+                state["turn"] = {"file": name, "start_seq": state["seq"], "sent_at": now}
+                self.turn_done.clear()
+                self.next_turn = now + self.turn_every * random.uniform(0.9, 1.1)
+            if pending:
+                payload = self.frames[self.pos]
+                self.pos += 1
+                pending = self.pos < len(self.frames)
+            else:
+                payload = SILENCE
+            seq = state["seq"]
+            self.send_times[seq % RING] = time.monotonic()
+            self.transport.send(self.text, payload)
+            state["seq"] = seq + 1
+            self.rec["sent"] += 1
+            tot.sent += 1
+            turn = state["turn"]
+            if turn is not None and not pending and (self.turn_done.is_set() or now - turn["sent_at"] > 15):
+                tot.turns.append(turn)
+                state["turn"] = None
+        except Exception as exc:  # ends the stream: the session records it (as "stream ...") and closes
+            self.done.set_exception(exc)
+
+
+async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[str, tuple[bytes, ...]]],
+                  end_at: float, first_turn: float, turn_every: float, tot: Totals, sem: asyncio.Semaphore) -> None:
+    from picows import WSCloseCode, ws_connect
+
     rec: dict[str, Any] = {"i": i, "user_id": user_id, "sent": 0, "deltas": 0, "session_id": None}
     send_times = array.array("d", bytes(8 * RING))
     state: dict[str, Any] = {"turn": None, "seq": 0, "closed_by_server": None, "closing": False,
@@ -307,44 +394,8 @@ async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[
     tot.connected += 1
     tot.live += 1
     tot.sessions.append(rec)
-    clock = time.monotonic()
-    next_turn = clock + first_turn
-    pending: list[str] = []
-    k = i  # each session starts at a different file
     try:
-        while True:
-            clock += FRAME_S
-            delay = clock - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = time.monotonic()
-            if transport.is_disconnected:
-                if state["closed_by_server"] in (None, 1000) and now < end_at:
-                    state["closed_by_server"] = "ended_early"
-                break
-            if now >= end_at and not pending:
-                break
-            lateness = (now - clock) * 1000
-            if lateness > LATE_MS:
-                tot.late += 1
-            tot.lateness.append(lateness)
-            if not pending and now >= next_turn and state["turn"] is None:
-                name, frames = audio[k % len(audio)]
-                k += 1
-                pending = list(frames)
-                state["turn"] = {"file": name, "start_seq": state["seq"], "sent_at": now}
-                turn_done.clear()
-                next_turn = now + turn_every * random.uniform(0.9, 1.1)
-            chunk = pending.pop(0) if pending else silence
-            send_times[state["seq"] % RING] = time.monotonic()
-            transport.send(WSMsgType.TEXT, b'{"type":"input_audio_buffer.append","audio":"' + chunk.encode() + b'"}')
-            state["seq"] += 1
-            rec["sent"] += 1
-            tot.sent += 1
-            turn = state["turn"]
-            if turn is not None and not pending and (turn_done.is_set() or now - turn["sent_at"] > 15):
-                tot.turns.append(turn)
-                state["turn"] = None
+        await _Sender(transport, state, rec, tot, send_times, audio, i, end_at, first_turn, turn_every).done
         # Let an answer in flight finish (it is counted), then close like a browser.
         if state["turn"] is not None:
             with contextlib.suppress(TimeoutError):
@@ -366,7 +417,7 @@ async def session(i: int, url: str, token: str, user_id: str, audio: list[tuple[
     tot.live -= 1
 
 
-async def wave_run(url: str, tokens: list[str], users: list[str], audio: list[tuple[str, list[str]]],
+async def wave_run(url: str, tokens: list[str], users: list[str], audio: list[tuple[str, tuple[bytes, ...]]],
                    duration: float, turn_every: float, first_turn_max: float, sampler: Any = None) -> Totals:
     tot = Totals()
     sem = asyncio.Semaphore(16)

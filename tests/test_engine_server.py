@@ -314,6 +314,106 @@ async def test_append_fast_path_matches_the_full_parser(monkeypatch: pytest.Monk
     ]
 
 
+HEAD = '{"type":"input_audio_buffer.append","audio":"'
+EDGES = [
+    *[f'{HEAD}{LOUD}"}}'] * 8,  # speech starts
+    HEAD + "}",  # head and tail overlap: invalid JSON
+    HEAD + '"}',  # empty audio
+    f'{HEAD}{LOUD[:40]}"}}{LOUD[40:]}"}}',  # a quote inside: invalid JSON
+    f'{HEAD}{LOUD[:40]}  {LOUD[40:]}"}}',  # JSON-legal, not base64 alphabet: b64decode skips spaces
+    f'{HEAD}{LOUD[:40]}\\n{LOUD[40:]}"}}',  # a JSON escape (a newline): skipped by b64decode too
+    f'{HEAD}{LOUD[:40]}\x01{LOUD[40:]}"}}',  # a raw control character: invalid JSON
+    f'{HEAD}{LOUD[:40]}é{LOUD[40:]}"}}',  # non-ASCII: not base64
+    f'{HEAD}{LOUD[:-4]}"}}',  # 4 characters short: still whole base64 quanta, 3 bytes less
+    f'{HEAD}AAA"}}',  # incorrect padding: the error event
+    f'{HEAD}{LOUD}"}} ',  # trailing space: the full parser
+    *[f'{HEAD}{QUIET}"}}'] * 30,  # speech stops: a committed turn
+]
+
+
+async def test_append_head_check_matches_the_full_parser() -> None:
+    """The regex-free check of the gateway's form gives what json.loads gives, on edge cases too."""
+    fast = await _replay(EDGES)
+    slow = await _replay([text.encode() for text in EDGES])
+    assert fast == slow
+    kinds = [e["type"] for e in fast[0] if isinstance(e, dict)]
+    assert "input_audio_buffer.speech_started" in kinds and "input_audio_buffer.committed" in kinds
+    codes = [e["error"]["code"] for e in fast[0] if isinstance(e, dict) and e["type"] == "error"]
+    assert codes == ["invalid_json", "invalid_json", "invalid_json", "invalid_value", "invalid_value"]
+
+
 def test_append_fast_path_takes_only_canonical_shapes() -> None:
     matched = [engine_session._APPEND.fullmatch(text) is not None for text in APPENDS[8:17]]
     assert matched == [True, True, True, True, False, False, False, False, False]
+
+
+def test_audio_delta_template_matches_json_dumps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """emit_audio_delta's pre-built JSON is the text json.dumps makes of the event's dict (ids unique)."""
+    from voice.realtime import protocol_tap
+    from voice.realtime.engine.response import ResponseState
+
+    session = EngineSession(cfg())
+    sent: list[Any] = []
+    session.deliver = sent.append
+    r = ResponseState(id="resp_1", item_id="item_2", modalities=["audio"], instructions="",
+                      in_conversation=True, created_at=0.0)  # fmt: skip
+    chunks = [LOUD, QUIET, "", "QUJD+/=="]
+    monkeypatch.setattr(protocol_tap, "engine_emitted", None)  # the suite's tap would take the dict path
+    for chunk in chunks:
+        session.emit_audio_delta(r, chunk)
+    tapped: list[dict[str, Any]] = []
+    monkeypatch.setattr(protocol_tap, "engine_emitted", tapped.append)
+    for chunk in chunks:
+        session.emit_audio_delta(r, chunk)
+    fast, slow = sent[:4], sent[4:]
+    for text, plain, event in zip(fast, slow, tapped, strict=True):
+        expected = json.dumps({**event, "event_id": json.loads(text)["event_id"]})
+        assert text == expected and plain == json.dumps(event)
+    assert len({json.loads(text)["event_id"] for text in sent}) == len(sent)
+    session.closed = True
+    session.emit_audio_delta(r, LOUD)  # nothing once closed, as emit
+    assert len(sent) == 8
+
+
+def test_vad_compiled_einsum_matches_numpy() -> None:
+    """The VAD's direct c_einsum gives np.einsum's float32 energies bit for bit (so the same turns)."""
+    import numpy as np
+
+    from voice.realtime.engine import vad
+
+    rng = np.random.default_rng(7)
+    for scale in (1, 30, 300, 3000, 30000):
+        frames = np.clip(rng.normal(0, scale, (50, vad.FRAME_SAMPLES)), -32768, 32767).astype(np.float32)
+        got = vad._einsum("ij,ij->i", frames, frames)
+        assert got.tobytes() == np.einsum("ij,ij->i", frames, frames).tobytes()
+
+
+async def test_partials_setting_follows_session_update() -> None:
+    """The cached 'transcript deltas during speech' setting is recomputed by each session.update."""
+
+    def update(model: str | None) -> str:
+        transcription = json.dumps({"model": model} if model else None)
+        return (
+            '{"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"transcription": '
+            + transcription + ', "turn_detection": {"type": "server_vad", "create_response": false}}}}}'
+        )
+
+    session = EngineSession(cfg(script=["one two three four five six seven eight nine ten"] * 3))
+    sent: list[Any] = []
+    session.deliver = sent.append
+    session.start()
+    speech = [f'{{"type":"input_audio_buffer.append","audio":"{LOUD}"}}'] * 25
+    quiet = [f'{{"type":"input_audio_buffer.append","audio":"{QUIET}"}}'] * 15
+    deltas = []
+    for model in ("gpt-realtime-whisper", "gpt-4o-transcribe", None, "gpt-realtime-whisper"):
+        session.receive(update(model))
+        before = len(sent)
+        for text in speech:
+            session.receive(text)
+        early = [t for t in sent[before:] if "input_audio_transcription.delta" in t]  # still in speech
+        deltas.append(len(early))
+        for text in quiet:
+            session.receive(text)
+        assert any("speech_stopped" in t for t in sent[before:])
+    session.shutdown()
+    assert deltas[0] > 2 and deltas[1] == 0 and deltas[2] == 0 and deltas[3] == deltas[0]

@@ -36,6 +36,7 @@ class ResponseState:
     sent_text: str = ""  # transcript / text streamed so far
     sent_ms: int = 0  # audio streamed so far
     finished: bool = False
+    delta_template: tuple[str, str] | None = None  # the audio delta's JSON around event id and audio (session.py)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -134,8 +135,7 @@ async def _run(s: EngineSession, r: ResponseState) -> None:
             kind = "response.output_audio_transcript.delta" if r.audio else "response.output_text.delta"
             s.emit({"type": kind, "event_id": event_id(), **r.base(), "delta": piece})
         if clip:
-            s.emit({"type": "response.output_audio.delta", "event_id": event_id(), **r.base(),
-                    "delta": clip.chunks[i]})  # fmt: skip
+            s.emit_audio_delta(r, clip.chunks[i])
             r.sent_ms += clip.chunk_ms[i]
             elapsed_ms += clip.chunk_ms[i]
             if r.entry:

@@ -48,6 +48,11 @@ MIN_COMMIT_BYTES = 100 * BYTES_PER_MS
 _APPEND = re.compile(
     r'\{"type":"input_audio_buffer\.append",(?:"event_id":"([^"\\\x00-\x1f]*)",)?"audio":"([A-Za-z0-9+/=]*)"\}'
 )
+# The gateway's form (no event id) is checked without the regex: its head and tail by string compares, the
+# audio by deleting the base64 alphabet from its bytes (a C table scan, ~2x faster than the regex's).
+_APPEND_HEAD = '{"type":"input_audio_buffer.append","audio":"'
+_APPEND_MIN = len(_APPEND_HEAD) + 2  # head and the closing '"}' must not overlap
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,8 @@ class EngineSession:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._vad: EnergyVad | None = None
-        self._configure_vad()
+        self._partials = False  # whether spoken turns get transcript deltas during speech (see _configure)
+        self._configure()
         self._speech: SpeechInput | None = None
         if self.config.recognises:
             self._speech = SpeechInput(
@@ -145,6 +151,20 @@ class EngineSession:
                 protocol_tap.engine_emitted(event)
             self.deliver(json.dumps(event))
 
+    def emit_audio_delta(self, r: responses.ResponseState, chunk: str) -> None:
+        """Called by a response for each audio chunk: the same text as `emit` of the delta event's dict, built
+        around the ~13 KB of base64 instead of json.dumps scanning it (base64 needs no JSON escaping)."""
+        if protocol_tap.engine_emitted is not None:  # the tap wants the event's dict: take the plain path
+            self.emit({"type": "response.output_audio.delta", "event_id": event_id(), **r.base(), "delta": chunk})
+            return
+        if not self.closed and not self.stalled:
+            if r.delta_template is None:  # once per response: the JSON around the event id and the audio
+                head = json.dumps({"type": "response.output_audio.delta", "event_id": ""})[:-2]
+                mid = json.dumps({**r.base(), "delta": ""})[1:-2]
+                r.delta_template = (head, '", ' + mid)
+            head, mid = r.delta_template
+            self.deliver(f"{head}{event_id()}{mid}{chunk}\"}}")
+
     def emit_raw(self, text: str) -> None:
         """Queue raw text as an event (the malformed-event hook)."""
         if not self.closed and not self.stalled:
@@ -160,10 +180,22 @@ class EngineSession:
         """Called for every client event (JSON text); dispatches synchronously."""
         if self.closed:
             return
-        if type(text) is str:
-            append = _APPEND.fullmatch(text)
-            if append is not None:  # the hot path: ~25 per second per session
-                self._audio_in(append[2], append[1])
+        if type(text) is str:  # the hot path: appends, ~25 per second per session
+            audio: str | bytes | None = None
+            if len(text) >= _APPEND_MIN and text.startswith(_APPEND_HEAD) and text.endswith('"}'):
+                audio = text[len(_APPEND_HEAD) : -2].encode()
+                if audio.translate(None, _B64_ALPHABET):  # something else than base64: the regex, or JSON
+                    audio = None
+            client_event_id = None
+            if audio is None and (append := _APPEND.fullmatch(text)) is not None:
+                audio, client_event_id = append[2], append[1]
+            if audio is not None:
+                try:  # only base64-alphabet ASCII here: b64decode's checks and conversion are moot
+                    pcm = binascii.a2b_base64(audio)
+                except binascii.Error:
+                    self.error("invalid_value", "Invalid base64 audio.", {"event_id": client_event_id}, "audio")
+                    return
+                self._pcm_in(pcm)
                 return
         try:
             event = json.loads(text)
@@ -184,12 +216,15 @@ class EngineSession:
             self.error(*problem[:2], ev, problem[2])
             return
         merge_session(self.session, patch)
-        self._configure_vad()
+        self._configure()
         self.emit({"type": "session.updated", "event_id": event_id(), "session": self.session})
 
-    def _configure_vad(self) -> None:
+    def _configure(self) -> None:
+        """Called at start and on each session.update: the VAD, and the settings the per-append path reads
+        (derived here once rather than on every append: only a session.update changes them)."""
         td = self.session["audio"]["input"].get("turn_detection")
         self._vad = EnergyVad(*vad_params(td)) if td else None
+        self._partials = self._transcribing() and self.config.partials_enabled(transcribes_during_speech(self.session))
 
     def _append(self, ev: dict) -> None:
         self._audio_in(ev.get("audio"), ev.get("event_id"))
@@ -201,6 +236,10 @@ class EngineSession:
         except (binascii.Error, ValueError, TypeError):
             self.error("invalid_value", "Invalid base64 audio.", {"event_id": client_event_id}, "audio")
             return
+        self._pcm_in(pcm)
+
+    def _pcm_in(self, pcm: bytes) -> None:
+        """An append's decoded audio: buffer clock, recogniser, VAD turns and early transcript words."""
         self._clock_bytes += len(pcm)
         self._buffer_bytes += len(pcm)
         if self._speech is not None:
@@ -217,7 +256,7 @@ class EngineSession:
                 self.emit({"type": "input_audio_buffer.speech_stopped", "event_id": event_id(),
                            "audio_end_ms": ms, "item_id": turn.item_id})  # fmt: skip
                 self._commit(turn, ms - turn.start_ms, auto=True)
-        if self._turn is not None and self._vad.in_speech:
+        if self._partials and self._turn is not None and self._vad.in_speech:
             self._early_words()
 
     def _next_transcript(self) -> tuple[str, bool]:
@@ -253,8 +292,7 @@ class EngineSession:
         if speech is None or self.closed or speech.final is None or speech.final.done():
             return
         new = speech.stable_words(words)
-        streaming = transcribes_during_speech(self.session)
-        if not (new and self._transcribing() and self.config.partials_enabled(streaming)):
+        if not (new and self._partials):
             return
         for word in new:
             self._transcript_delta(turn.item_id, word if not speech.sent else " " + word)
@@ -288,8 +326,7 @@ class EngineSession:
     def _early_words(self) -> None:
         """Partial transcript while the user is still speaking: one word per `partial_word_ms` of speech."""
         turn = self._turn
-        streaming = transcribes_during_speech(self.session)
-        if turn is None or not (turn.known and self._transcribing() and self.config.partials_enabled(streaming)):
+        if turn is None or not (turn.known and self._partials):
             return
         words = turn.transcript.split()
         due = min(len(words), self._vad.speech_ms // max(1, self.config.partial_word_ms)) if self._vad else 0

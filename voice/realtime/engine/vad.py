@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+try:  # np.einsum's compiled core, without its Python wrapper and dispatch (~1 µs of a ~5 µs append)
+    from numpy._core.multiarray import c_einsum as _einsum
+except ImportError:  # another numpy layout: the public function computes the same
+    _einsum = np.einsum
+
 SAMPLE_RATE = 24000
 BYTES_PER_MS = 48  # 24 kHz * 2 bytes
 FRAME_MS = 20
@@ -59,7 +64,7 @@ class EnergyVad:
             return []
         samples = np.frombuffer(data, dtype="<i2", count=usable // 2).reshape(frames, FRAME_SAMPLES)
         flt = samples.astype(np.float32)
-        loud = (np.einsum("ij,ij->i", flt, flt) > self._energy_threshold).tolist()
+        loud = (_einsum("ij,ij->i", flt, flt) > self._energy_threshold).tolist()
         events: list[tuple[str, int]] = []
         for is_loud in loud:  # a few frames per append: the Python loop is cheap
             self._frame += 1
