@@ -144,15 +144,17 @@ class Server:
         self._log.close()
 
 
-def stand_in_priority(pid: int, nice: int) -> None:
-    """Give a stand-in for another machine (the bench's Redis, the upstream standing in for OpenAI) priority
-    over the load generators on the client core: in production neither shares a core with our clients, so
-    their replies must not wait for the load generators' turn (2026-12-04: on a busy client core that wait
-    was most of a storm's admission time). Needs root for nice < 0; otherwise the priority is left as is."""
+def prioritise(pid: int, nice: int) -> None:
+    """Set a bench process's nice on the shared client core. What stands in for another machine (the bench's
+    Redis, the upstream standing in for OpenAI) and the client that measures the live sessions' frames must
+    not wait for the storm's load generator's turn: in production none of them shares a core with it
+    (2026-12-04: on a busy client core that wait was most of a storm's admission time, and the frames' p99 in
+    the storm's first 250 ms while the gateway's own loop was rarely late). Needs root for nice < 0;
+    otherwise the priority is left as is."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, nice)
     except OSError as exc:
-        print(f"stand-in priority not set for pid {pid}: {exc}", file=sys.stderr)
+        print(f"priority not set for pid {pid}: {exc}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -171,7 +173,7 @@ def own_redis(cpu: int | None, nice: int = 0) -> Iterator[str]:
     try:
         wait_port(port, 10, redis.proc)
         if nice:
-            stand_in_priority(redis.pid, nice)
+            prioritise(redis.pid, nice)
         os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/13"
         yield os.environ["BENCH_REDIS_URL"]
     finally:
@@ -244,6 +246,22 @@ def gateway_histogram(port: int, name: str, label: str, timeout: float = 2.0) ->
                 kind, key, value = match.groups()
                 out.setdefault(key, [0.0, 0.0])[kind == "count"] = float(value)
     return {key: (pair[0], pair[1]) for key, pair in out.items()}
+
+
+def gateway_buckets(port: int, name: str, timeout: float = 2.0) -> dict[str, float]:
+    """{le: cumulative count} of an unlabelled histogram on a gateway's /metrics (e.g. the loop lag)."""
+    import re
+    import urllib.request
+
+    out: dict[str, float] = {}
+    pattern = re.compile(rf'^{name}_bucket{{le="([^"]*)"}} (\S+)$')
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                              timeout=timeout) as response:
+        for line in response.read().decode().splitlines():
+            match = pattern.match(line)
+            if match:
+                out[match.group(1)] = float(match.group(2))
+    return out
 
 
 def cpu_busy_seconds() -> dict[int, float]:

@@ -46,6 +46,7 @@ from bench.common import (
     cpu_busy_seconds,
     fmt,
     free_port,
+    gateway_buckets,
     gateway_histogram,
     issue_tokens,
     loadavg,
@@ -56,10 +57,10 @@ from bench.common import (
     pids_of,
     pin_self,
     prepare_db,
+    prioritise,
     proc_cpu_seconds,
     setup_django,
     spawn_process,
-    stand_in_priority,
     table,
     write_result,
 )
@@ -189,9 +190,14 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     storm_spec = {"storm": n, "url": url, "tokens": storm_tokens, "start_at": storm_at,
                   "cpu": args.client_cpu, "hold": 1.0}
     stream_proc, stream_out = spawn_process(_loadgen_main, stream_spec) if m else (None, None)
+    if stream_proc is not None and args.measuring_nice:
+        prioritise(stream_proc.pid, args.measuring_nice)
     storm_proc, storm_out = spawn_process(_connect_main, storm_spec)
+    if args.storm_nice:
+        prioritise(storm_proc.pid, args.storm_nice)
     time.sleep(max(0.0, storm_at - time.monotonic()))
     phases_before = gateway_histogram(server.port, "voice_admission_phase_seconds", "phase")
+    lag_before = gateway_buckets(server.port, "voice_event_loop_lag_seconds")
     redis_pids = pids_of("redis-server")
     redis_before = sum(proc_cpu_seconds(pid) for pid in redis_pids)
     redis_where = WhereRunning(redis_pids)
@@ -208,6 +214,7 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     phases = {phase: (total - phases_before.get(phase, (0.0, 0.0))[0], count - phases_before.get(phase, (0.0, 0.0))[1])
               for phase, (total, count) in gateway_histogram(server.port, "voice_admission_phase_seconds",
                                                              "phase").items()}
+    lag_after = gateway_buckets(server.port, "voice_event_loop_lag_seconds")
     if "error" in storm or "error" in stream:
         return {"repeat": rep, "error": storm.get("error") or stream.get("error")}
     ready = sorted(storm["ready_s"])
@@ -229,6 +236,9 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
         # the streaming sessions were admitted before it).
         "admission_phase_mean_ms": {phase: 1000 * total / count for phase, (total, count) in phases.items() if count},
         "server_cpu_ms_per_admission": 1000 * cpu_storm / max(1, n),  # includes the streaming sessions' CPU
+        # The gateway's own share of the frames' wait: its 10 ms loop-lag probe over the storm (how many probes
+        # fired more than 20 / 50 / 100 ms late). Frames delayed with few late probes waited on the client core.
+        "loop_lag_probes_late": _late_probes(lag_before, lag_after),
     }
     if stream:
         rtts, at = stream["rtts"], stream["rtt_at"]
@@ -254,6 +264,13 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
         result["rtt_p99_by_250ms_ms"] = [round(pct(buckets.get(i, []), 99) or 0.0, 1)
                                          for i in range(max(buckets) + 1 if buckets else 0)]
     return result
+
+
+def _late_probes(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
+    total = delta.get("+Inf", 0.0)
+    return {"probes": total, **{f"over_{int(float(le) * 1000)}ms": total - delta.get(le, 0.0)
+                                for le in ("0.02", "0.05", "0.1")}}
 
 
 def known_user_tokens(prefix: str, count: int, new_users: bool) -> list[str]:
@@ -358,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stand-in-nice", type=int, default=-10,
                         help="nice of the bench's Redis and upstream (stand-ins for other machines) on the client "
                              "core; 0: the load generators' priority (before 2026-12-04)")
+    parser.add_argument("--measuring-nice", type=int, default=-5,
+                        help="nice of the streaming sessions' client (it measures their frames) on the client core, "
+                             "above the storm's clients; 0: the same priority (before 2026-12-04)")
+    parser.add_argument("--storm-nice", type=int, default=0, help="nice of the storm's clients on the client core")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     args.server_cpu = None if args.server_cpu < 0 else args.server_cpu
@@ -378,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
                                         str(upstream_port), "--setup-ms", str(args.upstream_setup_ms)],
                       upstream_port, cpu=args.client_cpu).wait_ready()
     if args.stand_in_nice:
-        stand_in_priority(upstream.pid, args.stand_in_nice)
+        prioritise(upstream.pid, args.stand_in_nice)
     payload: dict[str, Any] = {"bench": "storm", "args": vars(args), "machine": info}
     try:
         if args.profile:
@@ -397,6 +418,7 @@ def _run(args: argparse.Namespace) -> int:
                           f"{fmt(run.get('rtt_during_storm_ms', {}).get('p99'))} ms (added "
                           f"{fmt(run.get('added_p99_by_storm_ms'))}) dropped {run.get('dropped')} "
                           f"p99 per 250 ms {run.get('rtt_p99_by_250ms_ms')} "
+                          f"late probes {run.get('loop_lag_probes_late')} "
                           f"cores busy {run.get('core_busy_during_storm')} load {loadavg()}"
                           + (f" ERROR {run['error']}" if run.get("error") else ""), flush=True)
                 payload["runs"] = runs
