@@ -90,6 +90,7 @@ async def measure(iterations: int, upstream_url: str, users: list[str]) -> dict[
     out["resume state save (Redis SET)"] = await cpu_ms(lambda i: sessions.session_meta_save(meta), iterations)
     layer = get_channel_layer()
     channel = await layer.new_channel()
+    # Once per process since 2026-12-04 (sessions join no group of their own); kept to compare with older runs.
     out["channel-layer group join (ZADD + EXPIRE)"] = await cpu_ms(
         lambda i: layer.group_add(f"voice.session.{session_ids[i]}", channel), iterations)
     out["resume token issue (signing)"] = await cpu_ms(

@@ -165,9 +165,11 @@ async def test_master_killed_with_20_live_sessions_fails_over_without_a_stuck_in
     # The channel layer follows the new master too: an operator's terminate reaches one session.
     from channels.layers import get_channel_layer
 
-    for _ in range(60):  # the session re-joins its groups once the state is back on Redis
-        # As voice.services.rollout.broadcast_terminate sends it: the message names its session.
-        await get_channel_layer().group_send(f"voice.session.{ids[-1]}", {
+    from voice.services.rollout import BROADCAST_GROUP
+
+    for _ in range(60):  # the process re-joins the broadcast group once the state is back on Redis
+        # As voice.services.rollout.broadcast_terminate sends it: to every instance, naming its session.
+        await get_channel_layer().group_send(BROADCAST_GROUP, {
             "type": "session.terminate", "code": "terminated", "session_id": ids[-1]})
         try:
             await clients[-1].wait_for("gateway.error", timeout=0.5, code="terminated")
