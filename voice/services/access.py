@@ -34,7 +34,7 @@ from voice.realtime.registry import loop_local
 from voice.services.auth import Identity
 from voice.services.db import run_db
 from voice.services.rollout import rollout_cohort, rollout_snapshot
-from voice.services.state import NO_SLOT, RATE_LIMITED, get_state
+from voice.services.state import ADMITTED, NO_SLOT, RATE_LIMITED, get_state
 from voice.services.stats import ACTIVE_SESSIONS_KEY
 from voice.services.users import LocalUser, PlanPolicy, plan_policies, users_for_identities
 
@@ -165,9 +165,7 @@ async def access_decide(
     slot_key = concurrency_key(identity.user_id)
     await _released(identity.user_id)
     rate = None if resuming else (rate_item(plan), rate_key(identity.user_id))
-    outcome = await state.admit(rate=rate, slot_key=slot_key, member=session_id,
-                                limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER, ttl=CONCURRENT_SLOT_TTL,
-                                also=(ACTIVE_SESSIONS_KEY,))
+    outcome = await _admit(rate, slot_key, session_id)
     if outcome == RATE_LIMITED and rate is not None:
         _, retry_after = await state.rate_check(*rate)  # when the window frees a place (refusals only)
         message = f"Rate limit exceeded ({plan.sessions_per_hour} sessions/hour max)"
@@ -208,10 +206,12 @@ async def _release_slots(external_user_id: str, session_id: str) -> None:
         await get_state().slots_release(session_slots(external_user_id, session_id))
 
 
-async def _slot_acquire(slot_key: str, session_id: str) -> bool:
-    """The user's concurrency slot and, once it is taken, the live-session slot: one round trip."""
-    return await get_state().slot_acquire(slot_key, session_id, limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER,
-                                          ttl=CONCURRENT_SLOT_TTL, also=(ACTIVE_SESSIONS_KEY,))
+async def _admit(rate: tuple[RateLimitItemPerHour, str] | None, slot_key: str, session_id: str) -> str:
+    """The hourly window (unless `rate` is None), the user's concurrency slot and, once it is taken, the
+    live-session slot: one round trip."""
+    return await get_state().admit(rate=rate, slot_key=slot_key, member=session_id,
+                                   limit=settings.MAX_CONCURRENT_SESSIONS_PER_USER, ttl=CONCURRENT_SLOT_TTL,
+                                   also=(ACTIVE_SESSIONS_KEY,))
 
 
 async def _slot_acquire_after_redial(slot_key: str, session_id: str) -> bool:
@@ -219,7 +219,7 @@ async def _slot_acquire_after_redial(slot_key: str, session_id: str) -> bool:
     release is still in flight (a Redis round trip): a few short retries (0.35 s in all) before refusing."""
     for delay in REDIAL_RETRY_DELAYS:
         await asyncio.sleep(delay)
-        if await _slot_acquire(slot_key, session_id):
+        if await _admit(None, slot_key, session_id) == ADMITTED:
             return True
     return False
 

@@ -33,26 +33,13 @@ T = TypeVar("T")
 
 KEY_PREFIX = "intelia_voice:"
 
-# Atomically: drop expired members, admit `member` if fewer than `limit` remain (or it is already in); once
-# admitted, it also joins the unlimited slot sets KEYS[2..] (the live sessions): one round trip for both.
-_SLOT_ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-  for i = 1, #KEYS do
-    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
-    redis.call('EXPIRE', KEYS[i], ARGV[5])
-  end
-  return 1
-end
-return 0
-"""
-
-
-# An admission in one round trip: refuse (0) when the user's hourly window is full, else take the slot as
-# _SLOT_ACQUIRE does (1), or refuse (2) when no slot is left. The window is the `limits` library's moving
-# window (a list of hit timestamps, newest first, trimmed to the limit; SharedState.rate_hit writes it
-# through the library): full when its limit-th entry is still inside the window, which is the library's own
-# test (tests/test_access_e2e.py pins this against it). ARGV[6] empty: no window check (a resume).
+# An admission in one round trip: refuse (0) when the user's hourly window is full; else drop the slot set's
+# expired members and admit `member` (1) if fewer than `limit` remain (or it is already in), and once
+# admitted it also joins the unlimited slot sets KEYS[3..] (the live sessions); else refuse (2). The window
+# is the `limits` library's moving window (a list of hit timestamps, newest first, trimmed to the limit;
+# SharedState.rate_hit writes it through the library): full when its limit-th entry is still inside the
+# window, which is the library's own test (tests/test_access_e2e.py pins this against it). ARGV[6] empty: no
+# window check (a resume, or a slot alone).
 _ADMIT = """
 if ARGV[6] ~= '' then
   local entry = redis.call('LINDEX', KEYS[1], tonumber(ARGV[6]) - 1)
@@ -145,7 +132,6 @@ class SharedState:
                 key_prefix=KEY_PREFIX + "limits",
             )
             self.redis_limiter = MovingWindowRateLimiter(storage)
-            self._slot_script = self.client.register_script(_SLOT_ACQUIRE)
             self._admit_script = self.client.register_script(_ADMIT)
 
     # --- availability ------------------------------------------------------------------------------
@@ -268,7 +254,7 @@ class SharedState:
         library's moving window keeps them (newest first, trimmed to the limit), so the library reads them."""
         key, raw = KEY_PREFIX + key, json.dumps(value, separators=(",", ":"))
         if not self.using_fallback and self.client is not None and self.redis_limiter is not None:
-            window = self.redis_limiter.storage.bridge.prefixed_key(item.key_for(rate_key))
+            window = self._window_key(item, rate_key)
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.set(key, raw, ex=max(1, int(ttl)))
@@ -299,22 +285,7 @@ class SharedState:
     ) -> bool:
         """Called when a session is admitted: take one of `limit` slots under `key` (True when taken); once
         taken, the member also holds a slot in each unlimited set of `also`, in the same round trip."""
-        keys, now = [KEY_PREFIX + k for k in (key, *also)], time.time()
-
-        def memory(m: _MemoryBackend) -> bool:
-            members = m.zset(keys[0])
-            if member in members or len(members) < limit:
-                for k in keys:
-                    m.zset(k)[member] = now + ttl
-                return True
-            return False
-
-        return bool(
-            await self._run(
-                lambda r: self._slot_script(keys=keys, args=[now, now + ttl, member, limit, int(ttl) + 1]),
-                memory,
-            )
-        )
+        return await self.admit(rate=None, slot_key=key, member=member, limit=limit, ttl=ttl, also=also) == ADMITTED
 
     async def slot_refresh(self, key: str, member: str, *, ttl: float) -> None:
         """Called by a live session to keep its slot (a crashed instance's slots expire)."""
@@ -379,34 +350,33 @@ class SharedState:
         also: tuple[str, ...] = (),
     ) -> str:
         """Called by the access decision: the hourly window (unless `rate` is None) and the slot as
-        `rate_check` then `slot_acquire` would decide them, in one round trip. ADMITTED (the slot and the
-        `also` slots taken), RATE_LIMITED (nothing taken) or NO_SLOT."""
-        if self.using_fallback or self.client is None or self.redis_limiter is None:
-            return await self._admit_in_steps(rate, slot_key, member, limit, ttl, also)
+        `rate_check` then a slot taken under `slot_key` would decide them, in one round trip. ADMITTED (the
+        slot and the `also` slots taken), RATE_LIMITED (nothing taken) or NO_SLOT."""
         now = time.time()
         keys = [KEY_PREFIX + k for k in (slot_key, *also)]
-        window_args: list[Any] = ["", ""]
-        window_key = keys[0]  # unused without a window
-        if rate is not None:
-            item, key = rate
-            window_key = self.redis_limiter.storage.bridge.prefixed_key(item.key_for(key))
-            window_args = [item.amount, now - item.get_expiry()]
-        try:
-            outcome = await self._admit_script(keys=[window_key, *keys],
-                                               args=[now, now + ttl, member, limit, int(ttl) + 1, *window_args])
-        except (RedisError, OSError) as exc:
-            self._mark_down(exc)
-            return await self._admit_in_steps(rate, slot_key, member, limit, ttl, also)
-        return _ADMIT_OUTCOMES[int(outcome)]
-
-    async def _admit_in_steps(
-        self, rate: tuple[RateLimitItem, str] | None, slot_key: str, member: str, limit: int, ttl: float,
-        also: tuple[str, ...],
-    ) -> str:
-        if rate is not None and not (await self.rate_check(*rate))[0]:
+        if not self.using_fallback and self.client is not None and self.redis_limiter is not None:
+            window_key, window_args = keys[0], ["", ""]  # the key is unused without a window
+            if rate is not None:
+                window_key, window_args = self._window_key(*rate), [rate[0].amount, now - rate[0].get_expiry()]
+            try:
+                outcome = await self._admit_script(keys=[window_key, *keys],
+                                                   args=[now, now + ttl, member, limit, int(ttl) + 1, *window_args])
+                return _ADMIT_OUTCOMES[int(outcome)]
+            except (RedisError, OSError) as exc:
+                self._mark_down(exc)
+        if rate is not None and not (await _window(self.memory_limiter, *rate))[0]:
             return RATE_LIMITED
-        taken = await self.slot_acquire(slot_key, member, limit=limit, ttl=ttl, also=also)
-        return ADMITTED if taken else NO_SLOT
+        members = self.memory.zset(keys[0])
+        if member in members or len(members) < limit:
+            for k in keys:
+                self.memory.zset(k)[member] = now + ttl
+            return ADMITTED
+        return NO_SLOT
+
+    def _window_key(self, item: RateLimitItem, key: str) -> str:
+        """The Redis key of a `limits` moving window, as the library names it (prefix included)."""
+        assert self.redis_limiter is not None
+        return self.redis_limiter.storage.bridge.prefixed_key(item.key_for(key))
 
     # --- rate limits (the `limits` library's moving window) -----------------------------------------
     async def rate_check(self, item: RateLimitItem, key: str) -> tuple[bool, int]:
