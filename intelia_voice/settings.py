@@ -163,7 +163,7 @@ VOICE_VAD_PREFIX_MS = env.int("VOICE_VAD_PREFIX_MS", default=300)
 VOICE_ALLOWED_ORIGINS = env.list("VOICE_ALLOWED_ORIGINS", default=[])  # empty: ALLOWED_HOSTS rules
 VOICE_MAX_FRAME_BYTES = env.int("VOICE_MAX_FRAME_BYTES", default=1024 * 1024)
 VOICE_MAX_FRAMES_PER_SECOND = env.int("VOICE_MAX_FRAMES_PER_SECOND", default=100)
-# Connections admitted at once (JWT to gateway.session.ready); more wait their turn (voice/realtime/admission.py).
+# Connections admitted at once (JWT through the access decision); more wait their turn (voice/realtime/admission.py).
 VOICE_ADMISSION_CONCURRENCY = env.int("VOICE_ADMISSION_CONCURRENCY", default=16)
 # New connections whose handshake runs per turn of the event loop (voice/handshake_pacing.py).
 VOICE_HANDSHAKES_PER_TURN = env.int("VOICE_HANDSHAKES_PER_TURN", default=8)

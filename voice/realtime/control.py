@@ -32,7 +32,7 @@ class ControlChannel:
         self.generation = 0  # bumped when the listener fails: sessions joined before must join again
         self._listener: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
-        self._naming = asyncio.Lock()  # sessions admitted together must all join the same channel
+        self._naming = asyncio.Lock()  # sessions admitted together must all join the same channel, once
 
     async def join(self) -> int | None:
         """Called by a live session's presence refresh until it succeeds: put this process's channel in the
@@ -40,12 +40,10 @@ class ControlChannel:
         from voice.services.rollout import BROADCAST_GROUP
 
         try:
-            if self.name is None:
-                async with self._naming:
+            if self.name is None or not self.broadcast_joined:
+                async with self._naming:  # sessions admitted together: one of them names and joins
                     if self.name is None:
                         self.name = await self.layer.new_channel()
-            if not self.broadcast_joined:
-                async with self._naming:  # sessions admitted together: one of them joins
                     if not self.broadcast_joined:
                         await asyncio.wait_for(self.layer.group_add(BROADCAST_GROUP, self.name),
                                                JOIN_TIMEOUT_SECONDS)
