@@ -190,12 +190,7 @@ class EngineSession:
             if audio is None and (append := _APPEND.fullmatch(text)) is not None:
                 audio, client_event_id = append[2], append[1]
             if audio is not None:
-                try:  # only base64-alphabet ASCII here: b64decode's checks and conversion are moot
-                    pcm = binascii.a2b_base64(audio)
-                except binascii.Error:
-                    self.error("invalid_value", "Invalid base64 audio.", {"event_id": client_event_id}, "audio")
-                    return
-                self._pcm_in(pcm)
+                self._audio_in(audio, client_event_id)
                 return
         try:
             event = json.loads(text)
@@ -231,8 +226,8 @@ class EngineSession:
 
     def _audio_in(self, audio: Any, client_event_id: Any) -> None:
         """An `input_audio_buffer.append`'s audio (base64) and event id, from either parser."""
-        try:
-            pcm = base64.b64decode(audio or "")
+        try:  # the fast path's audio is base64-alphabet bytes already: straight to the decoder
+            pcm = binascii.a2b_base64(audio) if type(audio) is bytes else base64.b64decode(audio or "")
         except (binascii.Error, ValueError, TypeError):
             self.error("invalid_value", "Invalid base64 audio.", {"event_id": client_event_id}, "audio")
             return
