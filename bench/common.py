@@ -217,51 +217,47 @@ def proc_rss_mb(pid: int) -> float:
         return int(f.read().split()[1]) * PAGE / 1e6
 
 
-def gateway_gauges(port: int, names: tuple[str, ...], timeout: float = 2.0) -> dict[str, float | None]:
-    """Unlabelled gauges of a gateway's /metrics (e.g. voice_event_loop_tasks): what /proc cannot see."""
+def _metrics_lines(port: int, timeout: float) -> list[str]:
+    """A gateway's /metrics, line by line ([] when it does not answer)."""
     import urllib.request
 
-    values: dict[str, float | None] = dict.fromkeys(names)
     with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                                               timeout=timeout) as response:
-        for line in response.read().decode().splitlines():
-            name, _, value = line.partition(" ")
-            if name in values:
-                values[name] = float(value)
+        return response.read().decode().splitlines()
+    return []
+
+
+def gateway_gauges(port: int, names: tuple[str, ...], timeout: float = 2.0) -> dict[str, float | None]:
+    """Unlabelled gauges of a gateway's /metrics (e.g. voice_event_loop_tasks): what /proc cannot see."""
+    values: dict[str, float | None] = dict.fromkeys(names)
+    for line in _metrics_lines(port, timeout):
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
     return values
 
 
 def gateway_histogram(port: int, name: str, label: str, timeout: float = 2.0) -> dict[str, tuple[float, float]]:
     """{label value: (sum, count)} of a labelled histogram on a gateway's /metrics (e.g. the admission phases)."""
     import re
-    import urllib.request
 
     out: dict[str, list[float]] = {}
     pattern = re.compile(rf'^{name}_(sum|count){{{label}="([^"]*)"}} (\S+)$')
-    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                                              timeout=timeout) as response:
-        for line in response.read().decode().splitlines():
-            match = pattern.match(line)
-            if match:
-                kind, key, value = match.groups()
-                out.setdefault(key, [0.0, 0.0])[kind == "count"] = float(value)
+    for line in _metrics_lines(port, timeout):
+        match = pattern.match(line)
+        if match:
+            kind, key, value = match.groups()
+            out.setdefault(key, [0.0, 0.0])[kind == "count"] = float(value)
     return {key: (pair[0], pair[1]) for key, pair in out.items()}
 
 
 def gateway_buckets(port: int, name: str, timeout: float = 2.0) -> dict[str, float]:
     """{le: cumulative count} of an unlabelled histogram on a gateway's /metrics (e.g. the loop lag)."""
     import re
-    import urllib.request
 
-    out: dict[str, float] = {}
     pattern = re.compile(rf'^{name}_bucket{{le="([^"]*)"}} (\S+)$')
-    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                                              timeout=timeout) as response:
-        for line in response.read().decode().splitlines():
-            match = pattern.match(line)
-            if match:
-                out[match.group(1)] = float(match.group(2))
-    return out
+    return {match.group(1): float(match.group(2))
+            for match in map(pattern.match, _metrics_lines(port, timeout)) if match}
 
 
 def cpu_busy_seconds() -> dict[int, float]:
