@@ -117,8 +117,8 @@ async def test_ended_sessions_are_freed_without_the_cyclic_collector(live_db, to
                 if all(ref() is None for ref in refs):
                     break
                 await asyncio.sleep(0.05)
-            alive = [type(ref()).__name__ for ref in refs if ref() is not None]
-            assert alive == [], f"kept alive without a collection: {alive}"
+            alive = [ref() for ref in refs if ref() is not None]
+            assert alive == [], f"kept alive without a collection: {_holders(alive)}"
             gc.collect()
             leftovers = collections.Counter(type(o).__name__ for o in gc.garbage
                                             if type(o).__name__ in SESSION_TYPES)
@@ -129,6 +129,44 @@ async def test_ended_sessions_are_freed_without_the_cyclic_collector(live_db, to
             gc.enable()
     finally:
         server.stop()
+
+
+def _holders(alive: list[object], depth: int = 4) -> str:
+    """What keeps each of `alive` alive: its referrers, theirs, and so on (frames by function and line), and
+    whether a collection would have found it (a cycle) or not (something live holds it)."""
+    import gc
+    import types
+
+    def describe(obj: object) -> str:
+        if isinstance(obj, types.FrameType):
+            return f"frame {obj.f_code.co_name} ({obj.f_code.co_filename.rsplit('/', 2)[-1]}:{obj.f_lineno})"
+        if isinstance(obj, dict):
+            return "dict(" + ",".join(map(str, list(obj)[:8])) + ")"
+        return type(obj).__qualname__
+
+    lines: list[str] = []
+    seen = {id(alive)}
+
+    def walk(obj: object, level: int) -> None:
+        if level > depth or len(lines) >= 120:
+            return
+        for referrer in gc.get_referrers(obj):
+            if id(referrer) in seen or (isinstance(referrer, types.FrameType) and referrer.f_code.co_name in (
+                    "walk", "_holders")):
+                continue
+            seen.add(id(referrer))
+            lines.append("  " * level + "<- " + describe(referrer))
+            walk(referrer, level + 1)
+
+    for obj in alive:
+        state = {name: getattr(obj, name, None) for name in ("session_id", "_ended", "_finished")}
+        lines.append(f"{type(obj).__name__} {state}")
+        walk(obj, 1)
+    garbage_before = len(gc.garbage)
+    gc.collect()
+    found = {id(o) for o in gc.garbage[garbage_before:]}
+    lines.append("in a cycle (found by a collection): " + str([id(o) in found for o in alive]))
+    return "\n".join(lines[:120])
 
 
 async def test_turn_rows_reach_the_writer_without_the_loop_waiting(monkeypatch) -> None:
