@@ -60,6 +60,9 @@ class StallSampler:
                 frame = sys._current_frames().get(self.loop_thread_id)
                 if frame is not None:
                     samples[_describe(frame)] += 1
+                # Not kept past the sample (this local lives on between stalls): the frame would keep what the
+                # loop was running then, an ended session's consumer say, alive until the next stall.
+                frame = None
                 time.sleep(SAMPLE_INTERVAL_SECONDS)
             if self._stop.is_set():
                 return
