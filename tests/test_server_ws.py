@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,23 +55,32 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "bytes": message["bytes"]})
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def serving(app: Any, **config: Any) -> Iterator[tuple[int, uvicorn.Server]]:
+    """A real uvicorn with the voice protocol serving `app` on a free port, in a thread."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(echo_app, ws=VoiceWebSocketProtocol, ws_max_size=MAX_SIZE, lifespan="off",
-                            log_level="warning", ws_ping_interval=None, ws_per_message_deflate=False)
-    uv = uvicorn.Server(config)
+    settings = {"ws_max_size": MAX_SIZE, "lifespan": "off", "log_level": "warning", "ws_ping_interval": None,
+                "ws_per_message_deflate": False, **config}
+    uv = uvicorn.Server(uvicorn.Config(app, ws=VoiceWebSocketProtocol, **settings))
     thread = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])), daemon=True)
     thread.start()
     deadline = time.time() + 10
     while not uv.started and time.time() < deadline:
         time.sleep(0.02)
-    yield port
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        yield port, uv
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving(echo_app) as (port, _):
+        yield port
 
 
 # --- a raw RFC 6455 client --------------------------------------------------------------------------------
@@ -218,3 +229,63 @@ def test_bypass_never_overtakes_a_busy_app(server) -> None:
     time.sleep(0.2)  # idle again: the bypass answers at once
     sock.sendall(frame(b"fast6"))
     assert read_text(sock) == "bypass:fast6"
+
+
+async def flood_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Writes until the transport's buffer is full (its peer reads nothing); on /close it then closes (and
+    must not wait for that buffer to drain first)."""
+    await receive()
+    await send({"type": "websocket.accept"})
+    send_text_nowait = scope["extensions"][FASTPATH_EXTENSION]["send_text_nowait"]
+    chunk, deadline = b"x" * 65536, time.monotonic() + 5
+    while send_text_nowait(chunk) and time.monotonic() < deadline:
+        await asyncio.sleep(0)
+    if scope["path"] == "/close":
+        await send({"type": "websocket.close", "code": 1001})
+        scope["state"]["closed"] = True
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+def silent_peer(port: int, path: str) -> socket.socket:
+    """A client that completes the upgrade and then reads nothing (a phone that changed network)."""
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once: the server backs up
+    silent.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    silent.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    return silent
+
+
+def wait_until(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(condition())
+
+
+def test_a_peer_that_went_silent_is_closed_at_once_and_cut_off_after_the_close_timeout() -> None:
+    """A peer that reads nothing more (a phone that changed network mid-answer, a superseded connection):
+    the app's close returns at once (uvicorn's waited for the unsent frames to drain first: a resume waited
+    on the old connection's close), and the connection is aborted once the close timeout (the ping timeout)
+    has passed, rather than kept until TCP gives up (minutes)."""
+    with serving(flood_app, ws_ping_timeout=0.3) as (port, uv):
+        with contextlib.closing(silent_peer(port, "/close")):
+            assert wait_until(lambda: uv.server_state.connections, 2), "the connection never reached the server"
+            protocol = next(iter(uv.server_state.connections))
+            assert wait_until(lambda: protocol.scope.get("state", {}).get("closed"), 2), "the close waited"
+            assert wait_until(lambda: not uv.server_state.connections, 3), "the silent peer's connection was kept"
+
+
+def test_a_silent_peer_does_not_hold_the_server_shutdown() -> None:
+    """At shutdown uvicorn closes every connection gracefully and waits for them (up to its graceful timeout,
+    else for ever): a silent peer is cut off after the close timeout instead."""
+    with serving(flood_app, ws_ping_timeout=0.3) as (port, uv):
+        with contextlib.closing(silent_peer(port, "/stay")):
+            assert wait_until(lambda: uv.server_state.connections, 2), "the connection never reached the server"
+            time.sleep(0.2)  # the app has filled the buffer
+            uv.should_exit = True
+            assert wait_until(lambda: not uv.server_state.connections, 3), "the shutdown waited on a silent peer"

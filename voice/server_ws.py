@@ -30,6 +30,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.exceptions import InvalidState
 from websockets.protocol import OPEN
 from websockets.speedups import apply_mask
 
@@ -62,6 +63,8 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
         self._max_size = config.ws_max_size
         self._accepted = False
         self._write_paused = False
+        # A peer gets as long to answer our close frame as to answer a ping (uvicorn: a fixed 10 s).
+        self.close_timeout = config.ws_ping_timeout or self.close_timeout
 
     # --- handshake -----------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -87,6 +90,20 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
         # an ended connection is freed by reference counting instead of by the next full collection.
         getattr(self, "scope", {}).get("extensions", {}).pop(FASTPATH_EXTENSION, None)
         self.queue.bypass = None
+
+    def shutdown(self) -> None:
+        """Called by uvicorn as the server shuts down (after the app's drain): close, and cut off a peer that
+        does not answer within the close timeout (uvicorn's graceful close waits on a silent one: see `_close`)."""
+        pending = self.close_timer  # our close already sent: its peer keeps the time it had left
+        deadline = pending.when() if pending is not None else self.loop.time() + self.close_timeout
+        super().shutdown()
+        if not self.disconnected:
+            self.close_timer = self.loop.call_at(deadline, self.transport.abort)
+
+    def keepalive_timeout(self) -> None:
+        """Called when a ping's pong is the ping timeout late: the link is dead, nothing more will reach it."""
+        super().keepalive_timeout()
+        self.transport.abort()  # a graceful close would wait to flush the unsent frames first (see `send`)
 
     def set_text_handler(self, handler: BypassHandler | None) -> None:
         """Called by the app (once accepted) to relay text frames synchronously while it is idle."""
@@ -182,6 +199,31 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(text_frame(payload))
         return True
 
+    def _close(self, code: int, reason: str) -> None:
+        """The app closes an accepted connection: uvicorn's close, without its two waits on a peer that reads
+        nothing more (a phone that changed network mid-answer, a superseded connection). uvicorn's `send` first
+        waits until the write buffer drains, and its close timer closes the transport gracefully, which flushes
+        that buffer first: on a silent link neither happens until TCP gives up (minutes), so a resume waited on
+        the old connection's close and a shutdown on its socket. Here the close frame joins the buffer at once,
+        and a peer that has not answered it within the close timeout is cut off (abort)."""
+        if self.disconnected:
+            raise ClientDisconnected()
+        if self.close_sent:
+            raise RuntimeError("Unexpected ASGI message 'websocket.close', after sending 'websocket.close'.")
+        if self.transport.is_closing():
+            return
+        try:
+            self.conn.send_close(code, reason)
+        except InvalidState:
+            raise ClientDisconnected() from None
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:  # the peer's answer to the close must be read
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
     async def send(self, message: Any) -> None:
         """Called by the app for every ASGI send."""
         if message["type"] == "websocket.send" and self.handshake_complete and self.initial_response is None:
@@ -192,6 +234,9 @@ class VoiceWebSocketProtocol(WebSocketsSansIOProtocol):
                 if not self.writable.is_set():  # the client reads slower than we write: wait for it
                     await self.writable.wait()
                 return
+        if message["type"] == "websocket.close" and self.handshake_complete and self.initial_response is None:
+            self._close(message.get("code", 1000), message.get("reason", "") or "")
+            return
         await super().send(message)
         if message["type"] == "websocket.accept" and self.handshake_complete and not self.close_sent:
             self._accepted = True
