@@ -30,8 +30,10 @@ import asyncio
 import contextlib
 import os
 import pstats
+import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +265,29 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
                 buckets.setdefault(int((t - start) / 0.25), []).append(r)
         result["rtt_p99_by_250ms_ms"] = [round(pct(buckets.get(i, []), 99) or 0.0, 1)
                                          for i in range(max(buckets) + 1 if buckets else 0)]
+        # The gateway's own stalls over the same buckets (its log's "event loop stalled N ms", > 20 ms, the
+        # longest per bucket): a bucket whose frames waited while the gateway did not stall waited elsewhere.
+        result["gateway_stall_max_by_250ms_ms"] = _stalls_by_bucket(
+            server.log_path, start, end, len(result["rtt_p99_by_250ms_ms"]))
     return result
+
+
+_STALL_LINE = re.compile(r"^(\S+Z) \[warning\s*\] event loop stalled (\d+) ms")
+
+
+def _stalls_by_bucket(log: Path, start: float, end: float, buckets: int) -> list[int]:
+    """The longest stall the gateway logged in each 250 ms from `start` (monotonic, like `end`)."""
+    to_wall = time.time() - time.monotonic()  # CLOCK_MONOTONIC is system-wide: the storm's clock is ours
+    longest = [0] * buckets
+    for line in log.read_text(errors="replace").splitlines():
+        found = _STALL_LINE.match(line)
+        if not found:
+            continue
+        at = datetime.fromisoformat(found[1].replace("Z", "+00:00")).timestamp() - to_wall
+        index = int((at - start) / 0.25)
+        if start <= at < end and index < buckets:
+            longest[index] = max(longest[index], int(found[2]))
+    return longest
 
 
 def _late_probes(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -418,6 +442,7 @@ def _run(args: argparse.Namespace) -> int:
                           f"{fmt(run.get('rtt_during_storm_ms', {}).get('p99'))} ms (added "
                           f"{fmt(run.get('added_p99_by_storm_ms'))}) dropped {run.get('dropped')} "
                           f"p99 per 250 ms {run.get('rtt_p99_by_250ms_ms')} "
+                          f"gateway stalls per 250 ms {run.get('gateway_stall_max_by_250ms_ms')} "
                           f"late probes {run.get('loop_lag_probes_late')} "
                           f"cores busy {run.get('core_busy_during_storm')} load {loadavg()}"
                           + (f" ERROR {run['error']}" if run.get("error") else ""), flush=True)
