@@ -387,37 +387,108 @@ async def test_concurrent_admissions_share_one_identity_lookup(monkeypatch) -> N
 
 
 async def test_new_connections_are_read_a_few_per_loop_turn() -> None:
-    """A burst of accepted connections is read (parsed, handshaken, started) at most VOICE_HANDSHAKES_PER_TURN
+    """A burst of first requests is handled (parsed, handshaken, started) at most VOICE_HANDSHAKES_PER_TURN
     per turn of the loop, in arrival order, so live frames are read between batches; a connection closed
     while waiting is skipped."""
     import asyncio
 
     from voice.handshake_pacing import HandshakePacer
 
-    class Transport:
+    class Connection:
         def __init__(self) -> None:
-            self.reading, self.closing = False, False
+            self.handled, self.closing = False, False
+            self.transport = self
 
         def is_closing(self) -> bool:
             return self.closing
 
-        def resume_reading(self) -> None:
-            self.reading = True
+        def handshake(self) -> None:
+            self.handled = True
 
     pacer = HandshakePacer(per_turn=8)
-    transports = [Transport() for _ in range(20)]
-    transports[3].closing = True
-    for transport in transports:
-        pacer.admit(transport)
-    read_after_each_turn = []
+    connections = [Connection() for _ in range(20)]
+    connections[3].closing = True
+    for connection in connections:
+        pacer.admit(connection)
+    handled_after_each_turn = []
     for _ in range(4):
         await asyncio.sleep(0)
-        read_after_each_turn.append([n for n, t in enumerate(transports) if t.reading])
-    assert [len(read) for read in read_after_each_turn] == [7, 15, 19, 19]
-    assert read_after_each_turn[0] == [0, 1, 2, 4, 5, 6, 7]  # first come, first read
-    pacer.admit(late := Transport())  # alone: read in the next turn
+        handled_after_each_turn.append([n for n, c in enumerate(connections) if c.handled])
+    assert [len(handled) for handled in handled_after_each_turn] == [7, 15, 19, 19]
+    assert handled_after_each_turn[0] == [0, 1, 2, 4, 5, 6, 7]  # first come, first handled
+    pacer.admit(late := Connection())  # alone: handled in the next turn
     await asyncio.sleep(0)
-    assert late.reading
+    assert late.handled
+
+
+async def test_upgrade_requests_arriving_together_are_handled_a_few_per_loop_turn(settings) -> None:
+    """Clients connect one by one, then send their upgrade requests within the same milliseconds (a storm):
+    the requests, not the accepts, are what the pacer spreads (pacing the accepts let all 250 requests be
+    handled in one turn, a 40-60 ms stall: bench/handshake_burst.py). On a real uvicorn with the voice
+    protocols, no loop turn handles more than VOICE_HANDSHAKES_PER_TURN upgrades."""
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+
+    from voice import handshake_pacing
+    from voice.handshake_pacing import PacedH11Protocol
+    from voice.server_ws import VoiceWebSocketProtocol
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    handshake_pacing._pacers.clear()
+    settings.VOICE_HANDSHAKES_PER_TURN = 8
+    loop = asyncio.get_running_loop()
+    turn = [0]
+    upgrades_by_turn: dict[int, int] = {}
+
+    def tick() -> None:  # runs once per turn of the loop
+        turn[0] += 1
+        if not stop.is_set():
+            loop.call_soon(tick)
+
+    class Counted(PacedH11Protocol):
+        def handle_websocket_upgrade(self, event) -> None:
+            upgrades_by_turn[turn[0]] = upgrades_by_turn.get(turn[0], 0) + 1
+            super().handle_websocket_upgrade(event)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, http=Counted, ws=VoiceWebSocketProtocol, lifespan="off",
+                                           log_level="warning", ws_ping_interval=None, backlog=1024))
+    serving = loop.create_task(server.serve(sockets=[listener]))
+    stop = threading.Event()
+    clients: list[socket.socket] = []
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        for _ in range(250):
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+        await asyncio.sleep(0.2)  # every connection accepted before any request arrives
+        loop.call_soon(tick)
+        request = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        await asyncio.to_thread(lambda: [client.sendall(request) for client in clients])
+        for _ in range(200):
+            if sum(upgrades_by_turn.values()) == 250:
+                break
+            await asyncio.sleep(0.02)
+        assert sum(upgrades_by_turn.values()) == 250
+        assert max(upgrades_by_turn.values()) <= 8, upgrades_by_turn
+    finally:
+        stop.set()
+        for client in clients:
+            client.close()
+        server.should_exit = True
+        await serving
+        handshake_pacing._pacers.clear()
 
 
 async def test_a_burst_of_connections_is_admitted_through_a_pacer_of_one(gateway, token_for, settings) -> None:
