@@ -166,7 +166,7 @@ VOICE_MAX_FRAMES_PER_SECOND = env.int("VOICE_MAX_FRAMES_PER_SECOND", default=100
 # Connections admitted at once (JWT through the access decision); more wait their turn (voice/realtime/admission.py).
 VOICE_ADMISSION_CONCURRENCY = env.int("VOICE_ADMISSION_CONCURRENCY", default=16)
 # New connections whose handshake runs per turn of the event loop (voice/handshake_pacing.py).
-VOICE_HANDSHAKES_PER_TURN = env.int("VOICE_HANDSHAKES_PER_TURN", default=8)
+VOICE_HANDSHAKES_PER_TURN = env.int("VOICE_HANDSHAKES_PER_TURN", default=16)
 # Event-loop stalls longer than this get the loop thread's stack sampled and logged
 # (voice/observability/stall_sampler.py); 0: off.
 VOICE_STALL_SAMPLER_MS = env.int("VOICE_STALL_SAMPLER_MS", default=30)
