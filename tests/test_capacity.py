@@ -432,6 +432,7 @@ async def test_upgrade_requests_arriving_together_are_handled_a_few_per_loop_tur
 
     import uvicorn
 
+    from tests.test_server_ws import upgrade_request
     from voice import handshake_pacing
     from voice.handshake_pacing import PacedH11Protocol
     from voice.server_ws import VoiceWebSocketProtocol
@@ -473,9 +474,8 @@ async def test_upgrade_requests_arriving_together_are_handled_a_few_per_loop_tur
             clients.append(socket.create_connection(("127.0.0.1", port)))
         await asyncio.sleep(0.2)  # every connection accepted before any request arrives
         loop.call_soon(tick)
-        request = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        await asyncio.to_thread(lambda: [client.sendall(request) for client in clients])
+        requests = [(client, upgrade_request("/")) for client in clients]
+        await asyncio.to_thread(lambda: [client.sendall(request) for client, request in requests])
         for _ in range(200):
             if sum(upgrades_by_turn.values()) == 250:
                 break

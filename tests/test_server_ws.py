@@ -84,13 +84,15 @@ def server():
 
 
 # --- a raw RFC 6455 client --------------------------------------------------------------------------------
+def upgrade_request(path: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
 def connect(port: int, path: str = "/echo") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
+    sock.sendall(upgrade_request(path))
     response = b""
     while b"\r\n\r\n" not in response:
         response += sock.recv(1)
@@ -252,11 +254,7 @@ def silent_peer(port: int, path: str) -> socket.socket:
     silent = socket.socket()
     silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once: the server backs up
     silent.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    silent.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
+    silent.sendall(upgrade_request(path))
     return silent
 
 
