@@ -262,7 +262,7 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
         buckets: dict[int, list[float]] = {}
         for r, t in zip(rtts, at, strict=True):
             if start <= t < end:
-                buckets.setdefault(int((t - start) / 0.25), []).append(r)
+                buckets.setdefault(int((t - start) / BUCKET_S), []).append(r)
         result["rtt_p99_by_250ms_ms"] = [round(pct(buckets.get(i, []), 99) or 0.0, 1)
                                          for i in range(max(buckets) + 1 if buckets else 0)]
         # The gateway's own stalls over the same buckets (its log's "event loop stalled N ms", > 20 ms, the
@@ -272,11 +272,12 @@ def one_storm(args: argparse.Namespace, server: Server, upstream: Server, rep: i
     return result
 
 
+BUCKET_S = 0.25  # the storm's time buckets: the frames' p99 and the gateway's stalls per 250 ms
 _STALL_LINE = re.compile(r"^(\S+Z) \[warning\s*\] event loop stalled (\d+) ms")
 
 
 def _stalls_by_bucket(log: Path, start: float, end: float, buckets: int) -> list[int]:
-    """The longest stall the gateway logged in each 250 ms from `start` (monotonic, like `end`)."""
+    """The longest stall the gateway logged in each bucket from `start` (monotonic, like `end`)."""
     to_wall = time.time() - time.monotonic()  # CLOCK_MONOTONIC is system-wide: the storm's clock is ours
     longest = [0] * buckets
     for line in log.read_text(errors="replace").splitlines():
@@ -284,7 +285,7 @@ def _stalls_by_bucket(log: Path, start: float, end: float, buckets: int) -> list
         if not found:
             continue
         at = datetime.fromisoformat(found[1].replace("Z", "+00:00")).timestamp() - to_wall
-        index = int((at - start) / 0.25)
+        index = int((at - start) / BUCKET_S)
         if start <= at < end and index < buckets:
             longest[index] = max(longest[index], int(found[2]))
     return longest
