@@ -20,7 +20,8 @@ truncate each other's files); after the scan the files are moved to var/test-log
 Credentials issued by design: POST /v1/voice/ticket returns a single-use ticket to the authenticated
 caller, and the WebSocket's gateway.session.ready carries the session's resume token. Neither matches a
 pattern (an opaque `token_urlsafe` value; a Django-signed `eyJ…:…:…` value, one JSON segment, not a
-JWT), so nothing is excluded and both stay fully scanned. Should a pattern ever match such a designed
+JWT; an API key is only matched where it starts a token, since a signature's URL-safe characters may
+spell `sk-…`), so nothing is excluded and both stay fully scanned. Should a pattern ever match such a designed
 value, exclude that one field of that one endpoint here, with its reason, and keep everything else.
 """
 
@@ -40,7 +41,9 @@ SUITE, SENTRY, RESPONSES = "suite.log", "sentry.jsonl", "responses.log"
 
 SECRET_PATTERNS = [
     re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # a JWT
-    re.compile(r"sk-(?!\*\*\*)[A-Za-z0-9_-]{8,}"),  # an API key
+    # an API key; never the middle of a longer token: a Django signature or a token_urlsafe value may
+    # hold "sk-" followed by 8 URL-safe characters (about 1 resume token in 3,000 does)
+    re.compile(r"(?<![A-Za-z0-9_-])sk-(?!\*\*\*)[A-Za-z0-9_-]{8,}"),
     re.compile(r"topsecret|hunter2"),  # the Redis passwords tests use
     re.compile(r"[?&](?:token|ticket|resume)=(?!\*\*\*)[A-Za-z0-9._~-]{16,}"),
 ]

@@ -99,3 +99,16 @@ async def test_voice_client_events_are_recorded(gateway):
     recorded = _lines(secret_scan.recording(secret_scan.RESPONSES))[before:]
     assert any(line.startswith("ws <- ") and '"unauthorized"' in line for line in recorded)
     assert any(line.startswith(f"ws close {code} ") for line in recorded)
+
+
+def test_an_api_key_is_matched_where_it_starts_a_token_never_inside_a_signature(tmp_path):
+    # stop 25's CI: a resume token whose Django signature happened to contain "sk-" and 8 more URL-safe
+    # characters failed the run; the designed credential stays scanned, a real key is still caught
+    responses = tmp_path / "responses.log"
+    signed = "eyJzIjoiMTcyN2JmMGQifQ:1xZUUY:RJ5nQwsk-Tq3vXz0aB9cD8eF7gH6iJ5kL4mN3oP2q"
+    secret_scan.record_ws("<-", json.dumps({"type": "gateway.session.ready", "resume_token": signed}),
+                          path=responses)
+    assert secret_scan.scan(responses)[1] == []
+    for leak in (SK, f"key={SK}", f'"{SK}"', f"Bearer {SK}", f"/{SK}"):
+        secret_scan.record_ws("<-", json.dumps({"type": "gateway.error", "message": leak}), path=responses)
+    assert len(secret_scan.scan(responses)[1]) == 5
