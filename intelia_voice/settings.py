@@ -180,6 +180,9 @@ SESSION_WARNING_SECONDS = env.int("SESSION_WARNING_SECONDS", default=30)
 MAX_SESSIONS_PER_USER_PER_HOUR = env.int("MAX_SESSIONS_PER_USER_PER_HOUR", default=5)
 MAX_CONCURRENT_SESSIONS_PER_USER = env.int("MAX_CONCURRENT_SESSIONS_PER_USER", default=1)
 SESSION_TTL = env.int("SESSION_TTL", default=3600)
+# How long a resume waits for the session's previous connection (here or on another instance) to let go and
+# save its state; past it the resume goes on from the state saved after the last turn.
+VOICE_SUPERSEDE_WAIT_SECONDS = env.float("VOICE_SUPERSEDE_WAIT_SECONDS", default=5.0)
 VOICE_TICKET_TTL = env.int("VOICE_TICKET_TTL", default=30)
 VOICE_DRAIN_GRACE_SECONDS = env.float("VOICE_DRAIN_GRACE_SECONDS", default=2.0)
 # WebSocket keepalive with the client: a ping every INTERVAL s, the link declared dead (session ended, slot

@@ -14,7 +14,7 @@ import websockets
 from rest_framework_simplejwt.tokens import RefreshToken
 
 from tests.conftest import unique_user
-from tests.live import LiveServer, VoiceClient
+from tests.live import LiveServer, VoiceClient, text_turn
 from voice.models import BetaUser, VoiceProfile, VoiceRollout, VoiceSession
 from voice.services.rollout import rollout_cache_clear, rollout_update
 from voice.services.users import user_for_identity
@@ -240,12 +240,6 @@ async def test_redis_outage_degrades_and_recovers_without_restart(live_db, own_r
 
     channel_layers.backends.clear()
     server = LiveServer().start()
-
-    async def text_turn(client: VoiceClient) -> None:
-        await client.send({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Litter?"}]}})
-        await client.send({"type": "response.create"})
-        await client.wait_for("response.done", timeout=15)
 
     try:
         live = await VoiceClient.open(server.ws_url, token=token_for())

@@ -104,3 +104,51 @@ async def test_sigterm_with_50_live_sessions_drains_and_resumes_elsewhere(live_d
         if proc.poll() is None:
             proc.kill()
         second.stop()
+
+
+async def test_a_resume_on_another_instance_takes_over_from_the_connection_that_still_looks_live(
+        gateway, token_for, engine_spy) -> None:
+    """A phone that changed network reconnects, through the balancer, to another instance while its first
+    connection still looks live there (no close reached it). That connection is told to let go: it saves the
+    session (its turns, the time it used) before the resume loads it, and closes; one row, two connections."""
+    import uuid
+
+    from tests.live import text_turn
+    from voice.services import sessions
+    from voice.services.state import get_state
+
+    port = free_port()
+    proc = start_gateway_process(port)
+    try:
+        user = unique_user("moved")
+        first = await VoiceClient.open(f"ws://127.0.0.1:{port}/v1/ws/voice", token=token_for(user))
+        ready = await first.wait_for("gateway.session.ready", timeout=20)
+        await text_turn(first, "My flock is 12000 Ross 308 broilers")
+        await asyncio.sleep(2.5)  # used on the first connection after its last turn was saved
+        resumed = await VoiceClient.open(gateway.ws_url, token=token_for(user),
+                                         query=f"resume={ready['resume_token']}")
+        again = await resumed.wait_for("gateway.session.ready", timeout=20)
+        assert again["session_id"] == ready["session_id"] and again["resumed"] is True
+        assert await first.wait_closed(5) == 1001  # told to let go, not left to its keepalive
+        assert again["remaining_s"] <= ready["remaining_s"] - 2  # the first connection's time is counted
+        assert "12000 Ross 308" in str([e for e in engine_spy if e["type"] == "conversation.item.create"])
+        await text_turn(resumed)
+        await resumed.close()
+        for _ in range(100):
+            row = await VoiceSession.objects.filter(pk=ready["session_id"], end_reason="client_closed").afirst()
+            if row is not None and row.connections == 2 and row.turns == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert (row.connections, row.turns) == (2, 2)
+        # A session whose connection's instance died (its live slot expired) is resumed at once, from the
+        # state its last turn saved: nobody is asked, nothing is waited for.
+        orphan = sessions.SessionMeta(session_id=str(uuid.uuid4()), user_id=user, plan="elite", cohort="",
+                                      started_at=time.time(), max_duration_s=600, live_connection="gone")
+        # Saved by a newer version, with a field this one does not know (a rolling deploy): still resumable.
+        await get_state().set_json(f"session:{orphan.session_id}", {**orphan.__dict__, "added_later": 1}, 60)
+        started = time.monotonic()
+        assert (await sessions.session_meta_take_over(orphan.session_id)).live_connection == "gone"
+        assert time.monotonic() - started < 0.5
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -90,12 +90,13 @@ def test_end_records_add_each_connections_counters_and_keep_the_latest_outcome()
     meta = _meta(session_id)
     sessions.voice_session_start(meta=meta, user_pk=None, upstream="local", instance="t", resumed=False)
 
-    def record(*, frames_in: int, cost: float, reason: str, ended_at: float, turns: list[TurnStats]) -> dict:
+    def record(*, frames_in: int, cost: float, reason: str, ended_at: float, turns: list[TurnStats],
+               instance: str = "t") -> dict:
         stats = SessionStats(frames_in=frames_in, frames_out=7, bytes_in=1000, rag_queries=2, cost_usd=cost)
         stats.tokens["input_audio_tokens"] = 120
         for turn in turns:
             stats.turn_changed(turn)
-        end = sessions.session_end_record(meta=meta, stats=stats, user_pk=None, upstream="local", instance="t",
+        end = sessions.session_end_record(meta=meta, stats=stats, user_pk=None, upstream="local", instance=instance,
                                           end_reason=reason, close_code=1000, error="", connected_s=2.5)
         end["ended_at"] = ended_at
         return end
@@ -103,16 +104,16 @@ def test_end_records_add_each_connections_counters_and_keep_the_latest_outcome()
     now = time.time()
     sessions.voice_session_end(record(frames_in=10, cost=0.25, reason="drained", ended_at=now + 10,
                                       turns=[TurnStats(index=0)]))
-    # A resumed connection's record that lands first carries the later outcome: it is kept.
+    # A resumed connection's record (on another instance) that lands first carries the later outcome: kept.
     sessions.voice_session_end(record(frames_in=5, cost=0.125, reason="client_closed", ended_at=now + 20,
-                                      turns=[TurnStats(index=1)]))
+                                      turns=[TurnStats(index=1)], instance="b"))
     sessions.voice_session_end(record(frames_in=1, cost=0.0, reason="upstream_unavailable", ended_at=now + 15,
                                       turns=[]))
     row = VoiceSession.objects.get(pk=session_id)
     assert (row.frames_in, row.frames_out, row.bytes_in, row.rag_queries) == (16, 21, 3000, 6)
     assert row.cost_usd == Decimal("0.375") and row.input_audio_tokens == 360 and row.duration_s == 7.5
     assert row.end_reason == "client_closed" and abs(row.ended_at.timestamp() - (now + 20)) < 0.01
-    assert row.turns == 2 and row.close_code == 1000
+    assert row.turns == 2 and row.close_code == 1000 and row.instance == "b"
 
     # An end record whose start row was never written (database down at the start) creates the row.
     orphan = str(uuid.uuid4())

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -157,7 +158,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
                 previous = registry.live_session(session_id)
                 if previous is not None:  # its link died unnoticed (the client moved on): take over from it
                     await previous.supersede()
-                meta = await session_services.session_meta_load(session_id)
+                    meta = await session_services.session_meta_load(session_id)
+                else:  # the same, when that connection is on another instance
+                    meta = await session_services.session_meta_take_over(session_id)
                 if meta is not None and meta.user_id == self.identity.user_id and meta.remaining_s > 1:
                     return meta, True
         meta = session_services.SessionMeta(
@@ -172,6 +175,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             meta.plan, meta.cohort = admission.plan.code, admission.cohort
             meta.max_duration_s = admission.plan.max_session_seconds
         self.session_id = meta.session_id
+        meta.live_connection = uuid.uuid4().hex  # saved at ready: a resume elsewhere knows to ask it to let go
         # Every log line of this connection (and of the tasks it starts) carries these.
         bind_session(meta.session_id, self.identity.user_id, meta.plan)
         self.deadline = time.monotonic() + meta.remaining_s
@@ -398,7 +402,11 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         await self._end("client_closed", None, "", close_code=1001)
         # It may already have been ending (its link's reset arrived first): wait until its history is saved.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._persisted.wait(), 5)
+            await asyncio.wait_for(self._persisted.wait(), settings.VOICE_SUPERSEDE_WAIT_SECONDS)
+
+    async def session_supersede(self, message: dict[str, Any]) -> None:
+        """Called by the process's control channel: this session resumed on another instance."""
+        await self.supersede()
 
     def _give_back_slots(self, reason: str) -> None:
         """Called synchronously as an admitted connection starts ending: its slots go back now, before the
@@ -435,6 +443,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         meta.used_s += connected
         session.keep_unfinished_turn()  # an answer cut by the end of the link: its question stays in the history
         meta.history, meta.turns = session.history, session.turn_offset + session.stats.turn_count
+        meta.live_connection = ""  # this save is the session's latest state: a resume needs to wait for nothing
         if self._slots_released is not None:
             await self._slots_released
         with contextlib.suppress(Exception):

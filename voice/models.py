@@ -156,7 +156,7 @@ class VoiceSession(models.Model):
     cohort = models.CharField(max_length=16, choices=Cohort.choices, blank=True)
     upstream = models.CharField(max_length=16)
     model = models.CharField(max_length=64, blank=True)
-    instance = models.CharField(max_length=128, blank=True)
+    instance = models.CharField(max_length=128, blank=True, help_text="The instance that served the latest connection.")
     started_at = models.DateTimeField(db_index=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     duration_s = models.FloatField(default=0)

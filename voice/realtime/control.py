@@ -1,5 +1,5 @@
-"""Control messages for this process's live sessions (kill switch, operator terminate): one channel-layer
-channel and one listener task per event loop.
+"""Control messages for this process's live sessions (kill switch, operator terminate, a resume on another
+instance that supersedes a connection): one channel-layer channel and one listener task per event loop.
 
 A channel, a receive loop and channels_redis' two helper tasks per session were 3 of a live session's 7
 asyncio tasks, and cancelling that receive at every session end (it is usually parked in a blocking Redis
@@ -20,6 +20,9 @@ from voice.realtime import registry
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT_SECONDS = 1.0
+# Control message type -> the live consumer's handler (as Channels derives it). A terminate without a
+# session id (the kill switch) is for every session; a supersede always names its session.
+HANDLERS = {"session.terminate": "session_terminate", "session.supersede": "session_supersede"}
 
 
 class ControlChannel:
@@ -71,17 +74,18 @@ class ControlChannel:
             self._dispatch(message)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        if message.get("type") != "session.terminate":
+        kind = message.get("type")
+        if kind not in HANDLERS:
             return
         session_id = message.get("session_id")
-        if session_id is None and message.get("code") != "feature_disabled":
+        if session_id is None and (kind != "session.terminate" or message.get("code") != "feature_disabled"):
             # A per-session message from a sender that does not name the session (an older version): its
             # target cannot be told apart from the other sessions of this process.
             logger.warning("control message without a session id ignored (code %s)", message.get("code"))
             return
         for consumer in registry.live_sessions():
             if session_id is None or consumer.session_id == session_id:
-                task = asyncio.get_running_loop().create_task(consumer.session_terminate(message))
+                task = asyncio.get_running_loop().create_task(getattr(consumer, HANDLERS[kind])(message))
                 self._handlers.add(task)
                 task.add_done_callback(self._handlers.discard)
 
@@ -92,6 +96,23 @@ class ControlChannel:
 
 
 _channels: dict[asyncio.AbstractEventLoop, ControlChannel] = {}
+
+
+async def control_broadcast(message: dict[str, Any]) -> bool:
+    """Send a control message to every process's control channel; False when there is no channel layer or
+    its Redis is down."""
+    from channels.layers import get_channel_layer
+
+    from voice.services.rollout import BROADCAST_GROUP
+
+    layer = get_channel_layer()
+    if layer is None:
+        return False
+    try:
+        await asyncio.wait_for(layer.group_send(BROADCAST_GROUP, message), JOIN_TIMEOUT_SECONDS)
+    except Exception:  # noqa: BLE001 - the layer's Redis is down
+        return False
+    return True
 
 
 def control_channel(layer: Any) -> ControlChannel:

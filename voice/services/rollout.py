@@ -138,17 +138,12 @@ def audit(*, actor_id: int | None, obj: object, message: str) -> None:
 def broadcast_terminate(*, code: str, session_id: str | None = None) -> bool:
     """Tell live sessions (all, or one) on every instance to close; False when the layer is down."""
     from asgiref.sync import async_to_sync
-    from channels.layers import get_channel_layer
 
-    layer = get_channel_layer()
-    if layer is None:
-        return False
+    from voice.realtime.control import control_broadcast
+
     message = {"type": "session.terminate", "code": code}
     if session_id:
         # Every process receives it; the one holding the session ends it (voice/realtime/control.py).
         message["session_id"] = session_id
-    try:
-        async_to_sync(layer.group_send)(BROADCAST_GROUP, message)
-    except Exception:  # noqa: BLE001 - sessions also poll the kill switch every second
-        return False
-    return True
+    # When the layer is down, sessions still poll the kill switch every second.
+    return async_to_sync(control_broadcast)(message)

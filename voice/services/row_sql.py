@@ -149,11 +149,11 @@ def session_end_counters(alias: str) -> Statement:
 
 @functools.cache
 def session_end_outcome(alias: str) -> Statement:
-    """UPDATE of the session's outcome, unless a later connection's outcome is already there (a drained
-    connection's record may land after its resume's)."""
+    """UPDATE of the session's outcome and the instance that served its latest connection, unless a later
+    connection's outcome is already there (a drained connection's record may land after its resume's)."""
     query = VoiceSession.objects.using(alias).filter(
         Q(ended_at__isnull=True) | Q(ended_at__lte=_SENTINEL_AT), pk=_PLACEHOLDER_ID).query.chain(UpdateQuery)
-    query.add_update_values({"ended_at": _SENTINEL_AT, "end_reason": "\x00reason", "close_code": 987_654_321,
-                             "error": "\x00error"})
-    return _compiled(query, alias, ended_at=_SENTINEL_AT, end_reason="\x00reason", close_code=987_654_321,
-                     error="\x00error")
+    sentinels = {"ended_at": _SENTINEL_AT, "end_reason": "\x00reason", "close_code": 987_654_321,
+                 "error": "\x00error", "instance": "\x00instance"}
+    query.add_update_values(sentinels)
+    return _compiled(query, alias, **sentinels)

@@ -36,9 +36,11 @@ from voice.realtime.accounting import SessionStats
 from voice.services import row_sql
 from voice.services.db import submit_write
 from voice.services.state import get_state
+from voice.services.stats import ACTIVE_SESSIONS_KEY
 
 logger = logging.getLogger(__name__)
 RESUME_SALT = "intelia-voice.resume"
+SUPERSEDE_POLL_SECONDS = 0.05  # how often a resume looks whether another instance's connection let go
 
 
 @dataclass
@@ -54,6 +56,9 @@ class SessionMeta:
     used_s: float = 0.0
     turns: int = 0
     history: list[dict[str, str]] = field(default_factory=list)
+    # The connection serving the session now, "" once it has ended and saved this: a resume on another
+    # instance asks it to let go first (session_meta_take_over).
+    live_connection: str = ""
 
     @property
     def remaining_s(self) -> float:
@@ -96,9 +101,37 @@ async def session_meta_load(session_id: str) -> SessionMeta | None:
     if not data:
         return None
     try:
-        return SessionMeta(**data)
+        # Fields a newer version added are left out: a rolling deploy resumes in both directions.
+        return SessionMeta(**{name: value for name, value in data.items() if name in _META_FIELDS})
     except TypeError:
         return None
+
+
+_META_FIELDS = frozenset(SessionMeta.__dataclass_fields__)
+
+
+async def session_meta_take_over(session_id: str) -> SessionMeta | None:
+    """Called on a resume that found no connection of the session on its own event loop: when another
+    instance still serves one (its link died unnoticed and the balancer chose another instance), ask that
+    connection to let go and wait until it has saved the session (its unfinished turn, the time it used), so
+    that this connection does not resume from an older state, nor is overwritten by it later."""
+    meta = await session_meta_load(session_id)
+    if meta is None or not meta.live_connection:
+        return meta
+    if not await get_state().slot_live(ACTIVE_SESSIONS_KEY, session_id):
+        return meta  # its instance died without ending it: the state saved after its last turn is all there is
+    from voice.realtime.control import control_broadcast
+
+    if not await control_broadcast({"type": "session.supersede", "session_id": session_id}):
+        return meta
+    deadline = time.monotonic() + settings.VOICE_SUPERSEDE_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        await asyncio.sleep(SUPERSEDE_POLL_SECONDS)
+        latest = await session_meta_load(session_id)
+        if latest is None or not latest.live_connection:
+            return latest
+    logger.warning("a session's previous connection did not let go in time; resuming from its last saved state")
+    return meta
 
 
 # --- metrics rows --------------------------------------------------------------------------------------
@@ -288,10 +321,11 @@ def _write_record(record: dict[str, Any]) -> None:
                 model=record.get("model", ""),  # spooled by an older version: no model
             ))
             cursor.execute(add.sql, add.params(alias, pk, **counters))
-        # The outcome is the latest connection's (a drained connection's record may land after the resume's).
+        # The outcome and the instance are the latest connection's (a drained connection's record may land
+        # after the resume's, which ran on another instance).
         cursor.execute(outcome.sql, outcome.params(
             alias, pk, ended_at=datetime.fromtimestamp(record["ended_at"], tz=UTC), end_reason=record["end_reason"],
-            close_code=record["close_code"], error=record["error"]))
+            close_code=record["close_code"], error=record["error"], instance=record["instance"]))
         if record["turns"]:  # rows written during the session were recounted then
             _upsert_turns(pk, record["turns"])
 

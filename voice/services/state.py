@@ -345,6 +345,12 @@ class SharedState:
             )
         )
 
+    async def slot_live(self, key: str, member: str) -> bool:
+        """Called on a resume: whether `member` still holds its slot under `key` (refreshed, not expired)."""
+        key, now = KEY_PREFIX + key, time.time()
+        expiry = await self._run(lambda r: r.zscore(key, member), lambda m: m.zset(key).get(member))
+        return expiry is not None and float(expiry) > now
+
     async def admit(
         self, *, rate: tuple[RateLimitItem, str] | None, slot_key: str, member: str, limit: int, ttl: float,
         also: tuple[str, ...] = (),
