@@ -114,6 +114,7 @@ async def test_a_resume_on_another_instance_takes_over_from_the_connection_that_
     import uuid
 
     from tests.live import text_turn
+    from voice.realtime.control import control_broadcast
     from voice.services import sessions
     from voice.services.state import get_state
 
@@ -125,6 +126,7 @@ async def test_a_resume_on_another_instance_takes_over_from_the_connection_that_
         ready = await first.wait_for("gateway.session.ready", timeout=20)
         await text_turn(first, "My flock is 12000 Ross 308 broilers")
         await asyncio.sleep(2.5)  # used on the first connection after its last turn was saved
+        first_connection = (await sessions.session_meta_load(ready["session_id"])).live_connection
         resumed = await VoiceClient.open(gateway.ws_url, token=token_for(user),
                                          query=f"resume={ready['resume_token']}")
         again = await resumed.wait_for("gateway.session.ready", timeout=20)
@@ -132,7 +134,13 @@ async def test_a_resume_on_another_instance_takes_over_from_the_connection_that_
         assert await first.wait_closed(5) == 1001  # told to let go, not left to its keepalive
         assert again["remaining_s"] <= ready["remaining_s"] - 2  # the first connection's time is counted
         assert "12000 Ross 308" in str([e for e in engine_spy if e["type"] == "conversation.item.create"])
+        # The supersede read late by a process (here: after the resume is live) ends nothing but the
+        # connection it names.
+        assert await control_broadcast({"type": "session.supersede", "session_id": ready["session_id"],
+                                        "connection": first_connection})
+        await asyncio.sleep(0.3)  # received by both processes
         await text_turn(resumed)
+        assert not resumed.seen("gateway.error") and resumed.close_code is None
         await resumed.close()
         for _ in range(100):
             row = await VoiceSession.objects.filter(pk=ready["session_id"], end_reason="client_closed").afirst()

@@ -406,7 +406,10 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
 
     async def session_supersede(self, message: dict[str, Any]) -> None:
         """Called by the process's control channel: this session resumed on another instance."""
-        await self.supersede()
+        # Named by its connection: the resume's own connection (same session, maybe on this instance, once
+        # the old one let go) may be live by the time this process reads the message.
+        if message.get("connection") == self.meta.live_connection:
+            await self.supersede()
 
     def _give_back_slots(self, reason: str) -> None:
         """Called synchronously as an admitted connection starts ending: its slots go back now, before the

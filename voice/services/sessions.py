@@ -122,7 +122,8 @@ async def session_meta_take_over(session_id: str) -> SessionMeta | None:
         return meta  # its instance died without ending it: the state saved after its last turn is all there is
     from voice.realtime.control import control_broadcast
 
-    if not await control_broadcast({"type": "session.supersede", "session_id": session_id}):
+    superseding = {"type": "session.supersede", "session_id": session_id, "connection": meta.live_connection}
+    if not await control_broadcast(superseding):
         return meta
     deadline = time.monotonic() + settings.VOICE_SUPERSEDE_WAIT_SECONDS
     while time.monotonic() < deadline:
