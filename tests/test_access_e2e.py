@@ -367,3 +367,29 @@ async def test_one_round_trip_admission_agrees_with_the_limits_library(settings,
         assert await admit("m4", limit=5) == ADMITTED  # a member already in keeps its slot
     finally:
         await state.aclose()
+
+
+@pytest.mark.parametrize("redis", [True, False], ids=["redis", "memory"])
+async def test_a_connections_save_never_overwrites_the_connection_that_took_its_session_over(settings, redis):
+    """A resume that could not wait for the old connection to let go owns the session's resume state from
+    its ready on: the old connection's later saves (a turn, its end) are dropped, its own ones kept."""
+    import uuid
+
+    from voice.services.state import SharedState
+
+    state = SharedState(settings.REDIS_URL, redis)
+    key = f"session:owned-{uuid.uuid4().hex}"
+
+    async def save(doc: dict, owner: str) -> bool:
+        return await state.set_json_unless_owned(key, doc, 60, field="live_connection", owner=owner)
+
+    try:
+        assert await save({"turns": 1, "live_connection": "old"}, "old")  # nothing stored yet
+        assert await save({"turns": 2, "live_connection": "old"}, "old")  # its own
+        await state.set_json(key, {"turns": 2, "live_connection": "new"}, 60)  # the resume's ready
+        assert not await save({"turns": 3, "live_connection": ""}, "old")  # the old one's late end
+        assert await state.get_json(key) == {"turns": 2, "live_connection": "new"}
+        assert await save({"turns": 4, "live_connection": ""}, "new")  # the new one's end
+        assert await save({"turns": 5, "live_connection": "newer"}, "old")  # no owner left: stored
+    finally:
+        await state.aclose()

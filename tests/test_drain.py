@@ -160,3 +160,45 @@ async def test_a_resume_on_another_instance_takes_over_from_the_connection_that_
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+async def test_a_connection_that_let_go_too_late_never_overwrites_the_resumed_session(
+        gateway, token_for, monkeypatch) -> None:
+    """The other instance resumed without waiting (its wait is 0 here; in production the old instance did not
+    answer within VOICE_SUPERSEDE_WAIT_SECONDS): the old connection's end, saved after the resume's ready,
+    is dropped: the resume state stays the resumed connection's."""
+    from tests.live import text_turn
+    from voice.realtime.session import GatewaySession
+    from voice.services import sessions
+
+    close = GatewaySession.close
+
+    async def slow_close(self) -> None:  # the old connection lets go after the resume is ready
+        await asyncio.sleep(1.0)
+        await close(self)
+
+    monkeypatch.setattr(GatewaySession, "close", slow_close)
+    port = free_port()
+    proc = start_gateway_process(port, VOICE_SUPERSEDE_WAIT_SECONDS="0")
+    try:
+        user = unique_user("late")
+        first = await VoiceClient.open(gateway.ws_url, token=token_for(user))
+        ready = await first.wait_for("gateway.session.ready", timeout=20)
+        await text_turn(first)
+        first_connection = (await sessions.session_meta_load(ready["session_id"])).live_connection
+        resumed = await VoiceClient.open(f"ws://127.0.0.1:{port}/v1/ws/voice", token=token_for(user),
+                                         query=f"resume={ready['resume_token']}")
+        assert (await resumed.wait_for("gateway.session.ready", timeout=20))["resumed"] is True
+        assert await first.wait_closed(5) == 1001
+        for _ in range(50):  # the old connection's end: its row written after its (dropped) save
+            row = await VoiceSession.objects.filter(pk=ready["session_id"], end_reason="client_closed").afirst()
+            if row is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert row is not None
+        owner = (await sessions.session_meta_load(ready["session_id"])).live_connection
+        assert owner not in ("", first_connection)  # still the resumed connection's
+        await resumed.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -77,6 +77,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         self._ended = False
         self._finished = False
         self._superseded = False
+        self._connection = ""  # this connection's id in its session's resume state (set when admitted)
         self._persisted = asyncio.Event()  # set once the session state (history) is saved at the end
         self._slots_released: asyncio.Task[None] | None = None
         self._gate: asyncio.Semaphore | None = None  # held until admitted (voice.realtime.admission)
@@ -175,7 +176,9 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             meta.plan, meta.cohort = admission.plan.code, admission.cohort
             meta.max_duration_s = admission.plan.max_session_seconds
         self.session_id = meta.session_id
-        meta.live_connection = uuid.uuid4().hex  # saved at ready: a resume elsewhere knows to ask it to let go
+        # Saved at ready: a resume elsewhere knows to ask this connection to let go, and this connection's
+        # later saves are dropped once another one owns the session.
+        self._connection = meta.live_connection = uuid.uuid4().hex
         # Every log line of this connection (and of the tasks it starts) carries these.
         bind_session(meta.session_id, self.identity.user_id, meta.plan)
         self.deadline = time.monotonic() + meta.remaining_s
@@ -272,7 +275,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
             while True:
                 self._meta_dirty = False
                 with contextlib.suppress(Exception):
-                    await session_services.session_meta_save(self.meta)
+                    await session_services.session_meta_save(self.meta, connection=self._connection)
                 if not self._meta_dirty:
                     return
         finally:
@@ -408,7 +411,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         """Called by the process's control channel: this session resumed on another instance."""
         # Named by its connection: the resume's own connection (same session, maybe on this instance, once
         # the old one let go) may be live by the time this process reads the message.
-        if message.get("connection") == self.meta.live_connection:
+        if message.get("connection") == self._connection:
             await self.supersede()
 
     def _give_back_slots(self, reason: str) -> None:
@@ -450,7 +453,7 @@ class VoiceConsumer(SessionSupervision, AsyncConsumer):
         if self._slots_released is not None:
             await self._slots_released
         with contextlib.suppress(Exception):
-            await session_services.session_meta_save(meta)
+            await session_services.session_meta_save(meta, connection=self._connection)
         # Registered until its state is saved: a resume arriving meanwhile finds it and waits (supersede).
         registry.unregister(self)
         self._persisted.set()

@@ -85,14 +85,21 @@ def resume_token_read(token: str) -> tuple[str, str] | None:
     return str(data.get("s")), str(data.get("u"))
 
 
-async def session_meta_save(meta: SessionMeta, *, window: tuple[RateLimitItem, str] | None = None) -> None:
+async def session_meta_save(meta: SessionMeta, *, window: tuple[RateLimitItem, str] | None = None,
+                            connection: str = "") -> None:
     """Called at start, after each turn and at the end of a connection; at a new session's start, `window`
-    (its user's hourly window) counts it in the same round trip."""
-    if window is None:
-        await get_state().set_json(f"session:{meta.session_id}", meta.__dict__, settings.SESSION_TTL)
+    (its user's hourly window) counts it in the same round trip. A save by `connection` after its start is
+    dropped once another connection has taken the session over (a resume elsewhere that could not wait for
+    this one to let go): the newer connection's state is never overwritten by an older one's."""
+    key = f"session:{meta.session_id}"
+    if connection:
+        if not await get_state().set_json_unless_owned(key, meta.__dict__, settings.SESSION_TTL,
+                                                       field="live_connection", owner=connection):
+            logger.info("resume state not saved: the session was taken over by another connection")
+    elif window is None:
+        await get_state().set_json(key, meta.__dict__, settings.SESSION_TTL)
     else:
-        await get_state().set_json_and_hit(f"session:{meta.session_id}", meta.__dict__, settings.SESSION_TTL,
-                                           *window)
+        await get_state().set_json_and_hit(key, meta.__dict__, settings.SESSION_TTL, *window)
 
 
 async def session_meta_load(session_id: str) -> SessionMeta | None:

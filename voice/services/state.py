@@ -60,6 +60,31 @@ return 2
 ADMITTED, RATE_LIMITED, NO_SLOT = "admitted", "rate_limited", "no_slot"
 _ADMIT_OUTCOMES = {0: RATE_LIMITED, 1: ADMITTED, 2: NO_SLOT}
 
+# Store a JSON document unless the stored one names another owner in field ARGV[3] ("" or missing: no owner).
+_SET_UNLESS_OWNED = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and type(doc) == 'table' then
+    local owner = doc[ARGV[3]]
+    if type(owner) == 'string' and owner ~= '' and owner ~= ARGV[4] then
+      return 0
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
+def _owned_by_another(raw: str | None, field: str, owner: str) -> bool:
+    try:
+        stored = json.loads(raw) if raw else None
+    except ValueError:
+        return False
+    other = stored.get(field) if isinstance(stored, dict) else None
+    return isinstance(other, str) and other not in ("", owner)
+
 
 class _MemoryBackend:
     """Process-local stand-in for the few Redis structures we use (strings with TTL, scored sets)."""
@@ -133,6 +158,7 @@ class SharedState:
             )
             self.redis_limiter = MovingWindowRateLimiter(storage)
             self._admit_script = self.client.register_script(_ADMIT)
+            self._set_unless_owned_script = self.client.register_script(_SET_UNLESS_OWNED)
 
     # --- availability ------------------------------------------------------------------------------
     def add_resync_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -247,6 +273,22 @@ class SharedState:
         """Called to store a JSON document with a time to live in seconds."""
         key, raw = KEY_PREFIX + key, json.dumps(value, separators=(",", ":"))
         await self._run(lambda r: r.set(key, raw, ex=max(1, int(ttl))), lambda m: m.set(key, raw, ttl))
+
+    async def set_json_unless_owned(self, key: str, value: Any, ttl: float, *, field: str, owner: str) -> bool:
+        """Called by a session's connection to store its resume document, unless another connection has taken
+        the document over since (its `field` names another owner): True when stored."""
+        key, raw = KEY_PREFIX + key, json.dumps(value, separators=(",", ":"))
+
+        async def on_redis(r: aioredis.Redis) -> bool:
+            return bool(await self._set_unless_owned_script(keys=[key], args=[raw, max(1, int(ttl)), field, owner]))
+
+        def on_memory(m: _MemoryBackend) -> bool:
+            if _owned_by_another(m.get(key), field, owner):
+                return False
+            m.set(key, raw, ttl)
+            return True
+
+        return await self._run(on_redis, on_memory)
 
     async def set_json_and_hit(self, key: str, value: Any, ttl: float, item: RateLimitItem, rate_key: str) -> None:
         """Called when a session is ready: its resume document stored and the session counted in its user's
