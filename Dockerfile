@@ -1,14 +1,25 @@
 # Multi-stage, slim, non-root. Build: docker build -t intelia-voice .
 # Run:   docker run -p 8000:8000 --env-file .env intelia-voice
+# Offline speech for the local engine (what answers without OPENAI_API_KEY): pocketsphinx (English
+# recognition, its model inside the wheel) and espeak-ng (French and English voices). Images that always run
+# with OpenAI upstream can leave both out: --build-arg SPEECH=0.
+ARG SPEECH=1
+
 FROM python:3.11-slim AS build
+ARG SPEECH
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /build
 COPY requirements/ requirements/
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install -r requirements/production.txt
+ && /opt/venv/bin/pip install -r requirements/production.txt \
+ && if [ "$SPEECH" = "1" ]; then /opt/venv/bin/pip install -r requirements/speech.txt; fi
 
 FROM python:3.11-slim AS runtime
+ARG SPEECH
+RUN if [ "$SPEECH" = "1" ]; then \
+      apt-get update && apt-get install -y --no-install-recommends espeak-ng && rm -rf /var/lib/apt/lists/*; \
+    fi
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
