@@ -19,7 +19,7 @@ from typing import Any
 from voice.realtime import registry
 
 logger = logging.getLogger(__name__)
-JOIN_TIMEOUT_SECONDS = 1.0
+LAYER_TIMEOUT_SECONDS = 1.0  # a channel-layer call (join, send) on a Redis that does not answer
 # Control message type -> the live consumer's handler (as Channels derives it). A terminate without a
 # session id (the kill switch) is for every session; a supersede always names its session.
 HANDLERS = {"session.terminate": "session_terminate", "session.supersede": "session_supersede"}
@@ -49,7 +49,7 @@ class ControlChannel:
                         self.name = await self.layer.new_channel()
                     if not self.broadcast_joined:
                         await asyncio.wait_for(self.layer.group_add(BROADCAST_GROUP, self.name),
-                                               JOIN_TIMEOUT_SECONDS)
+                                               LAYER_TIMEOUT_SECONDS)
                         self.broadcast_joined = True
         except Exception:  # noqa: BLE001 - the layer's Redis is down: the kill switch is also polled
             logger.warning("channel layer unavailable; control messages paused until it returns")
@@ -109,7 +109,7 @@ async def control_broadcast(message: dict[str, Any]) -> bool:
     if layer is None:
         return False
     try:
-        await asyncio.wait_for(layer.group_send(BROADCAST_GROUP, message), JOIN_TIMEOUT_SECONDS)
+        await asyncio.wait_for(layer.group_send(BROADCAST_GROUP, message), LAYER_TIMEOUT_SECONDS)
     except Exception:  # noqa: BLE001 - the layer's Redis is down
         return False
     return True
